@@ -288,7 +288,7 @@ def _strict_bool(value: object, _: object) -> bool:
 def _strict_str_table(value: object, _: object) -> dict[str, str]:
     if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
         return dict(value)
-    raise _WrongType("a table of strings such as { DEBUG = \"1\" }", value)
+    raise _WrongType('a table of strings such as { DEBUG = "1" }', value)
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)

@@ -11,9 +11,7 @@ from ephemwork.errors import InvalidNameError
 # Lower-case letters, digits, dot, underscore and hyphen, starting with a letter or digit:
 # safe in a header value, a cookie, a file name and a log line without quoting.
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-NAME_RULE = (
-    "1 to 63 characters from a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
-)
+NAME_RULE = "1 to 63 characters from a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
 
 USER_ENV_VAR = "EPHEMWORK_USER"
 

@@ -1,4 +1,4 @@
-"""structlog set-up: readable lines on a terminal, JSON lines for machines."""
+"""structlog set-up: readable lines for people, JSON lines for machines."""
 
 from __future__ import annotations
 
@@ -11,24 +11,31 @@ import structlog
 
 LogFormat = Literal["auto", "console", "json"]
 
-LEVELS = ("debug", "info", "warning", "error")
 
+def resolve_format(
+    requested: LogFormat, stream: TextIO, *, server: bool
+) -> Literal["console", "json"]:
+    """Pick the renderer for *requested*.
 
-def resolve_format(requested: LogFormat, stream: TextIO) -> Literal["console", "json"]:
-    """Pick the renderer for *requested*: ``auto`` means console on a terminal, JSON elsewhere.
-
-    systemd sets ``JOURNAL_STREAM`` for the services it starts, so a bastion under systemd
-    logs JSON even if its stream happens to look like a terminal.
+    ``auto`` means console for client commands, which a person reads, and for a *server*
+    on a terminal; a server whose log goes to a file, a pipe or the journal writes JSON.
+    systemd sets ``JOURNAL_STREAM`` for the services it starts.
     """
     if requested != "auto":
         return requested
+    if not server:
+        return "console"
     if os.environ.get("JOURNAL_STREAM"):
         return "json"
     return "console" if stream.isatty() else "json"
 
 
 def configure_logging(
-    log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+    log_format: LogFormat = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    server: bool = False,
 ) -> None:
     """Configure structlog for this process; call once, before the first log line."""
     out = stream if stream is not None else sys.stderr
@@ -37,7 +44,7 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if resolve_format(log_format, out) == "json":
+    if resolve_format(log_format, out, server=server) == "json":
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))

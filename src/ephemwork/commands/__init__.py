@@ -1,0 +1,1 @@
+"""The bodies of the client commands, composed from the client and (in local mode) bastion."""

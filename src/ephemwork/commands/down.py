@@ -1,0 +1,94 @@
+"""``ephemwork down``: stop running ``up`` processes from another terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import click
+import structlog
+
+from ephemwork.client.state import SessionRecord, StateStore, is_process_alive
+from ephemwork.errors import StateError
+from ephemwork.identity import resolve_user, validate_name
+
+log = structlog.get_logger()
+
+# Seconds to wait for an `up` process to deregister and exit after SIGTERM. `up` stops its
+# dev server with SIGKILL after the service's stop_timeout (5 s by default), so this leaves
+# room for that and for deregistering.
+STOP_WAIT = 15.0
+
+
+async def run_down(config_path: Path | None, service: str | None) -> None:
+    """Stop this user's ``up`` for *service*, or for every service when it is None.
+
+    *config_path* is accepted for symmetry with the other commands; ``down`` only needs the
+    local state.
+    """
+    del config_path
+    if service is not None:
+        validate_name("service", service)
+    user = resolve_user()
+    store = StateStore()
+
+    records = [
+        record
+        for record in store.list_records()
+        if record.user == user and (service is None or record.service == service)
+    ]
+    if not records:
+        target = f"{user}:{service}" if service else f"user {user}"
+        click.echo(f"No running `ephemwork up` for {target}.")
+        return
+
+    by_pid: dict[int, list[SessionRecord]] = {}
+    for record in records:
+        by_pid.setdefault(record.pid, []).append(record)
+
+    for pid, owned in by_pid.items():
+        await _stop_owner(store, pid, owned)
+
+
+async def _stop_owner(store: StateStore, pid: int, records: list[SessionRecord]) -> None:
+    routes = ", ".join(record.header_value for record in records)
+    first = records[0]
+
+    if not is_process_alive(pid, first.pid_start_ticks):
+        for record in records:
+            store.remove(record.user, record.service)
+        log.warning("down.stale_record", routes=routes, pid=pid)
+        # TODO: connect to the bastion and deregister the sessions, so their routes go away
+        # now instead of when their leases expire.
+        click.echo(
+            f"`ephemwork up` (pid {pid}) for {routes} is no longer running; removed its local "
+            "record. The bastion drops its route when the lease expires."
+        )
+        return
+
+    others = [
+        record.header_value
+        for record in store.list_records()
+        if record.pid == pid and record not in records
+    ]
+    if others:
+        click.echo(f"`ephemwork up` (pid {pid}) also serves {', '.join(others)}; stopping it all.")
+
+    log.info("down.stopping", routes=routes, pid=pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+    deadline = time.monotonic() + STOP_WAIT
+    while is_process_alive(pid, first.pid_start_ticks):
+        if time.monotonic() > deadline:
+            raise StateError(
+                f"`ephemwork up` (pid {pid}) did not stop within {STOP_WAIT:.0f} s of SIGTERM. "
+                f"Stop it by hand with `kill {pid}`."
+            )
+        await asyncio.sleep(0.1)
+
+    click.echo(f"Stopped `ephemwork up` (pid {pid}) for {routes}.")

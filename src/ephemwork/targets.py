@@ -1,0 +1,56 @@
+"""How to reach the bastion for each ``[tunnel]`` type."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from ephemwork.client.tunnel import TunnelTarget
+from ephemwork.config import Ec2Tunnel, LocalTunnel, SshTunnel, TunnelConfig
+from ephemwork.errors import ConfigError
+
+
+def ssh_target(tunnel: SshTunnel) -> TunnelTarget:
+    """Describe a bastion reached with plain SSH, its host key checked against known_hosts."""
+    identity = [str(Path(tunnel.identity_file).expanduser())] if tunnel.identity_file else None
+    # asyncssh reads () as "use ~/.ssh/known_hosts", as the OpenSSH client does.
+    known_hosts: object = str(Path(tunnel.known_hosts).expanduser()) if tunnel.known_hosts else ()
+    public_url = tunnel.public_url or f"http://{tunnel.host}:{tunnel.proxy_port}/"
+
+    return TunnelTarget(
+        host=tunnel.host,
+        port=tunnel.port,
+        username=tunnel.user,
+        client_keys=identity,
+        known_hosts=known_hosts,
+        control_port=tunnel.control_port,
+        proxy_port=tunnel.proxy_port,
+        public_url=public_url,
+        description=f"ssh {tunnel.user}@{tunnel.host}:{tunnel.port}",
+        # OpenSSH's sshd turns on TCP_NODELAY only while a pty session is open.
+        want_pty=True,
+    )
+
+
+@asynccontextmanager
+async def open_target(tunnel: TunnelConfig) -> AsyncIterator[TunnelTarget]:
+    """Yield the target for *tunnel*, running a local bastion for as long as needed."""
+    if isinstance(tunnel, LocalTunnel):
+        # Imported here so that client commands for remote bastions never load the bastion.
+        from ephemwork.local_mode import local_bastion
+
+        async with local_bastion(tunnel) as target:
+            yield target
+        return
+
+    if isinstance(tunnel, SshTunnel):
+        yield ssh_target(tunnel)
+        return
+
+    assert isinstance(tunnel, Ec2Tunnel)
+    # TODO: reach EC2 bastions through SSM Session Manager with EC2 Instance Connect keys.
+    raise ConfigError(
+        'tunnel.type = "ec2" is not implemented in this release; use "ssh" with the '
+        'bastion\'s address, or "local" to try ephemwork on this machine.'
+    )
