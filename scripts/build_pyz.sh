@@ -10,7 +10,10 @@
 # Python 3.12+ `--help` still runs, but commands that import asyncssh fail (cffi's extension
 # is built per Python version), and a pyz built on x86_64 does not run on an arm64 host.
 #
-# Usage: scripts/build_pyz.sh [OUTPUT]        (default OUTPUT: dist/ephemwork.pyz)
+# Usage: scripts/build_pyz.sh [--target linux-aarch64|linux-x86_64] [OUTPUT]
+#        (default OUTPUT: dist/ephemwork.pyz). With --target, compiled wheels are those of that
+#        Linux CPU (manylinux, glibc 2.17 to 2.34, the range Amazon Linux 2023 runs), so an
+#        x86_64 laptop builds the arm64 bastion's zipapp.
 # Environment:
 #   PYTHON             interpreter for the build venv (default: the first python3.x >= 3.11 on PATH)
 #   SOURCE_DATE_EPOCH  timestamp written into the archive (default: time of the last git commit)
@@ -19,10 +22,31 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
+target=""
+if [[ "${1:-}" == "--target" ]]; then
+    target="${2:-}"
+    shift 2 || true
+fi
+platform_args=()
+case "$target" in
+    "") ;;
+    linux-aarch64|linux-x86_64)
+        arch="${target#linux-}"
+        for tag in manylinux2014 manylinux_2_28 manylinux_2_34; do
+            platform_args+=(--platform "${tag}_${arch}")
+        done
+        platform_args+=(--implementation cp)
+        ;;
+    *)
+        echo "build_pyz.sh: --target ${target@Q} is not linux-aarch64 or linux-x86_64." >&2
+        exit 2
+        ;;
+esac
+
 output="${1:-dist/ephemwork.pyz}"
 build_dir="build/pyz"
 build_venv="$build_dir/venv"
-staging="$build_dir/site-packages"
+staging="$build_dir/site-packages${target:+-$target}"
 requirements="zipapp/requirements.txt"
 
 # Compiled wheels in the zipapp are chosen for this CPython version, whatever runs the build.
@@ -69,7 +93,7 @@ pip=("$build_venv/bin/python" -m pip --disable-pip-version-check)
 rm -rf "$staging"
 mkdir -p "$staging"
 "${pip[@]}" install --quiet --no-compile --target "$staging" \
-    --python-version "$target_python_version" --only-binary=:all: \
+    --python-version "$target_python_version" --only-binary=:all: "${platform_args[@]}" \
     --requirement "$requirements"
 # Without this, the project's install in step 3 warns that bin/ exists; see step 3's cleanup.
 rm -rf "${staging:?}/bin"

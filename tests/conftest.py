@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.moto import FAKE_AWS_ENV, MotoServer
 from helpers.ports import find_free_port
 from helpers.repo import BUILD_PYZ_SCRIPT, PYZ_PATH, REPO_ROOT
 from helpers.sshd import (
@@ -75,3 +76,24 @@ def pyz_path() -> Path:
             f"{result.stdout}\n{result.stderr}"
         )
     return PYZ_PATH
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server on 127.0.0.1 for the whole session."""
+    pytest.importorskip("moto.server")
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """Fake credentials, and every AWS endpoint pointed at a freshly reset moto server."""
+    moto_server.reset()
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    monkeypatch.setenv("EPHEMWORK_AWS_ENDPOINT_URL", moto_server.url)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server

@@ -6,12 +6,14 @@
     ├── UsageError             the caller must change something (exit code 2)
     │   ├── ConfigError        ephemwork.toml is missing or invalid
     │   ├── InvalidNameError   a user or service name cannot go into a header
-    │   └── StateError         local state cannot be read or is held by another process
+    │   ├── StateError         local state cannot be read or is held by another process
+    │   └── AwsSetupError      AWS credentials, region, permissions or tools need fixing
     └── OperationError         something we depend on failed (exit code 1)
         ├── TunnelError        the SSH connection or a forward failed
         ├── ControlAPIError    the bastion's control API rejected a call
         │   └── ProtocolMismatchError   laptop and bastion speak different versions
-        └── DevServerError     the dev server did not build, start or become healthy
+        ├── DevServerError     the dev server did not build, start or become healthy
+        └── AwsError           an AWS call failed; ``code`` holds the AWS error code
 
 The CLI prints ``str(error)`` for any of these and exits with ``exit_code``; nothing
 else should reach the user as a traceback.
@@ -67,3 +69,15 @@ class ProtocolMismatchError(ControlAPIError):
 
 class DevServerError(OperationError):
     """The dev server's build, start or health check failed."""
+
+
+class AwsSetupError(UsageError):
+    """AWS credentials, the region, an IAM permission or a local AWS tool must be fixed."""
+
+
+class AwsError(OperationError):
+    """An AWS call failed for a reason the caller cannot fix by changing the input."""
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,8 +50,12 @@ async def open_target(tunnel: TunnelConfig) -> AsyncIterator[TunnelTarget]:
         return
 
     assert isinstance(tunnel, Ec2Tunnel)
-    # TODO: reach EC2 bastions through SSM Session Manager with EC2 Instance Connect keys.
-    raise ConfigError(
-        'tunnel.type = "ec2" is not implemented in this release; use "ssh" with the '
-        'bastion\'s address, or "local" to try ephemwork on this machine.'
-    )
+    # Imported here so that the other tunnel types never load botocore.
+    if importlib.util.find_spec("aioboto3") is None:
+        raise ConfigError(
+            'tunnel.type = "ec2" needs aioboto3, which is not installed; run '
+            "`pip install 'ephemwork[aws]'`."
+        )
+    from ephemwork.client.ssm import ec2_target
+
+    yield await ec2_target(tunnel)

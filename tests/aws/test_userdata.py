@@ -1,0 +1,98 @@
+"""The bastion's user-data: valid shell, an sshd drop-in sshd accepts, a valid systemd unit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ephemwork.aws.userdata import (
+    UserDataInputs,
+    render_sshd_drop_in,
+    render_systemd_unit,
+    render_user_data,
+)
+from helpers.sshd import SshdUnavailableError, find_ssh_keygen, find_sshd
+
+INPUTS = UserDataInputs(team="payments", region="eu-west-1", binary_s3_uri="s3://b/e.pyz")
+
+
+class TestUserData:
+    def test_valid_bash(self, tmp_path: Path) -> None:
+        """bash -n accepts the rendered script."""
+        script = tmp_path / "userdata.sh"
+        script.write_text(render_user_data(INPUTS))
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+    def test_downloads_zipapp(self) -> None:
+        """The script copies the zipapp from the S3 URI."""
+        assert "aws s3 cp --region eu-west-1 s3://b/e.pyz" in render_user_data(INPUTS)
+
+    def test_installs_python(self) -> None:
+        """The script installs Python 3.11."""
+        assert "dnf install -y python3.11" in render_user_data(INPUTS)
+
+
+class TestSshdDropIn:
+    def test_accepted_by_sshd(self, tmp_path: Path) -> None:
+        """sshd -t accepts a config that includes the drop-in."""
+        try:
+            sshd = find_sshd()
+            keygen = find_ssh_keygen()
+        except SshdUnavailableError as exc:
+            pytest.skip(str(exc))
+        host_key = tmp_path / "host_key"
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+        drop_in = tmp_path / "50-ephemwork.conf"
+        drop_in.write_text(render_sshd_drop_in(INPUTS))
+        config = tmp_path / "sshd_config"
+        config.write_text(f"HostKey {host_key}\nPidFile none\nInclude {drop_in}\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+
+        result = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True)
+
+        assert result.returncode == 0, result.stderr
+
+    def test_loopback_forwards_only(self) -> None:
+        """Remote forwards listen on loopback and local forwards reach only the control API."""
+        text = render_sshd_drop_in(INPUTS)
+        assert "PermitListen 127.0.0.1:*" in text
+        assert "PermitOpen 127.0.0.1:7070" in text
+        assert "GatewayPorts no" in text
+
+    def test_forced_command(self) -> None:
+        """The forced command only waits, and a pty is allowed."""
+        text = render_sshd_drop_in(INPUTS)
+        assert "ForceCommand /bin/cat >/dev/null" in text
+        assert "PermitTTY yes" in text
+
+
+class TestSystemdUnit:
+    def test_restarts_on_failure(self) -> None:
+        """The unit restarts serve-bastion when it fails."""
+        assert "Restart=on-failure" in render_systemd_unit(INPUTS)
+
+    def test_verified(self, tmp_path: Path) -> None:
+        """systemd-analyze verify accepts the unit, with ExecStart's Python made local."""
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            pytest.skip("systemd-analyze is not installed")
+        # The AMI's /usr/bin/python3.11 may be missing here, and verify checks ExecStart.
+        python = shutil.which("python3") or "/usr/bin/python3"
+        unit = tmp_path / "ephemwork-bastion.service"
+        unit.write_text(
+            render_systemd_unit(
+                UserDataInputs(
+                    team="payments", region="eu-west-1", binary_s3_uri="s3://b/e.pyz", python=python
+                )
+            )
+        )
+        result = subprocess.run(
+            [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        if "Failed to" in result.stderr and "bus" in result.stderr.lower():
+            pytest.skip(f"systemd-analyze cannot run here: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
