@@ -83,8 +83,9 @@ run_command = "npm run dev"
             ),
             (
                 "[service.api]\nprot = 8000\n",
-                "unknown key 'service.api.prot'; valid keys: build_command, cwd, env, "
-                "health_check_path, health_check_timeout, port, run_command, stop_timeout.",
+                "unknown key 'service.api.prot'; valid keys: build_command, cwd, env, env_file, "
+                "health_check_path, health_check_timeout, port, restart, run_command, "
+                "stop_timeout.",
             ),
             (
                 '[service.api]\nrun_command = "make run"\n',
@@ -128,6 +129,15 @@ run_command = "npm run dev"
                 "service = 3\n",
                 "service must be a table such as [service], got 3.",
             ),
+            (
+                '[service.api]\nport = 8000\nrestart = "always"\n',
+                'service.api.restart = \'always\' is not valid; use "on-failure" or "never".',
+            ),
+            (
+                "[service.api]\nport = 8000\nenv_file = 3\n",
+                'service.api.env_file must be a path or a list of paths, such as ".env" or '
+                '[".env", ".env.local"], got 3.',
+            ),
         ],
     )
     def test_mistake_is_one_line(self, tmp_path: Path, text: str, message: str) -> None:
@@ -166,3 +176,12 @@ run_command = "npm run dev"
             load_config(missing)
 
         assert str(caught.value) == f"{missing}: file not found. Check the --config path."
+
+    def test_env_file_string_becomes_list(self, tmp_path: Path) -> None:
+        """A single env_file path becomes a list, and restart defaults to on-failure."""
+        config = load_config(
+            write_config(tmp_path, '[service.api]\nport = 8000\nenv_file = "a.env"\n')
+        )
+
+        assert config.service("api").env_file == ["a.env"]
+        assert config.service("api").restart == "on-failure"

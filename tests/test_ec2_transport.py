@@ -196,14 +196,30 @@ class TestEc2Transport:
             async with open_target(tunnel):
                 pass
 
-    async def test_key_pushed_for_ephemwork(self, stand_in: Path, aws_env: MotoServer) -> None:
-        """The target authenticates as OS user ephemwork with one in-memory Ed25519 key."""
+    async def test_key_pushed_for_ephemwork(
+        self, stand_in: Path, aws_env: MotoServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each connection attempt pushes a new in-memory Ed25519 key for OS user ephemwork."""
         _run_bastion_instance(aws_env)
+        pushed: list[str] = []
+        install = ssm.push_key
+
+        async def record_push(settings: Any, bastion: Any, public_key: str) -> None:
+            pushed.append(public_key)
+            await install(settings, bastion, public_key)
+
+        monkeypatch.setattr(ssm, "push_key", record_push)
 
         async with open_target(Ec2Tunnel(region=REGION, team="payments")) as target:
-            keys = list(target.client_keys or [])
+            assert target.prepare_keys is not None
+            first = await target.prepare_keys()
+            second = await target.prepare_keys()
 
         assert target.username == "ephemwork"
-        assert len(keys) == 1
-        assert isinstance(keys[0], asyncssh.SSHKey)
-        assert keys[0].algorithm == b"ssh-ed25519"
+        assert len(first) == 1
+        assert isinstance(first[0], asyncssh.SSHKey)
+        assert first[0].algorithm == b"ssh-ed25519"
+        assert len(second) == 1
+        assert second[0].public_data != first[0].public_data
+        assert len(pushed) == 2
+        assert pushed[1] == second[0].export_public_key("openssh").decode().strip()

@@ -17,6 +17,8 @@ from ephemwork.identity import validate_name
 
 CONFIG_FILE_NAME = "ephemwork.toml"
 
+RESTART_POLICIES = ("on-failure", "never")
+
 T = TypeVar("T")
 
 
@@ -55,7 +57,15 @@ class Ec2Tunnel:
     type: str = "ec2"
     region: str = "us-east-1"
     instance_type: str = "t4g.nano"
+    # The bastion is found by instance_id, or else by the tags ephemwork:managed=true and
+    # ephemwork:team=<team> that `ephemwork bastion init` puts on it.
     instance_id: str | None = None
+    team: str | None = None
+    # AWS profile for every AWS call; None means the default credential chain.
+    profile: str | None = None
+    # Endpoint of every AWS service, such as a local test server; EPHEMWORK_AWS_ENDPOINT_URL
+    # overrides it.
+    endpoint_url: str | None = None
     control_port: int = 7070
     proxy_port: int = 80
     public_url: str | None = None
@@ -86,8 +96,13 @@ class ServiceConfig:
     # Working directory of the commands, relative to the folder of ephemwork.toml.
     cwd: str | None = None
     env: dict[str, str] = attrs.field(factory=dict)
+    # Env files read once when the dev server first starts, relative to ephemwork.toml's
+    # folder; ``env_file = "a.env"`` in the file is stored as ``["a.env"]``.
+    env_file: list[str] = attrs.field(factory=list)
     # Seconds between SIGTERM and SIGKILL when the dev server is stopped.
     stop_timeout: float = 5.0
+    # "on-failure": restart the dev server with backoff after a non-zero exit; "never".
+    restart: str = "on-failure"
 
 
 @attrs.frozen
@@ -205,7 +220,10 @@ def _parse_service(name: str, table: object) -> ServiceConfig:
     if "port" not in table:
         raise _Invalid(f"{where}.port is missing; add `port = 8000` with your dev server's port.")
 
-    service = _structure({**table, "name": name}, ServiceConfig, where=where)
+    table = {**table, "name": name}
+    if "env_file" in table:
+        table["env_file"] = _env_file_list(table["env_file"], f"{where}.env_file")
+    service = _structure(table, ServiceConfig, where=where)
     _check_port(service.port, f"{where}.port")
     if service.health_check_path is not None and not service.health_check_path.startswith("/"):
         raise _Invalid(
@@ -214,8 +232,23 @@ def _parse_service(name: str, table: object) -> ServiceConfig:
     for key in ("health_check_timeout", "stop_timeout"):
         if getattr(service, key) <= 0:
             raise _Invalid(f"{where}.{key} must be a positive number of seconds.")
+    if service.restart not in RESTART_POLICIES:
+        raise _Invalid(
+            f'{where}.restart = {service.restart!r} is not valid; use "on-failure" or "never".'
+        )
 
     return service
+
+
+def _env_file_list(value: object, key: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _Invalid(
+            f'{key} must be a path or a list of paths, such as ".env" or [".env", '
+            f'".env.local"], got {value!r}.'
+        )
+    return list(value)
 
 
 def _reject_shared_ports(services: dict[str, ServiceConfig]) -> None:

@@ -155,18 +155,21 @@ async def ec2_target(tunnel: Ec2Tunnel) -> TunnelTarget:
     aws = find_aws_cli()
     bastion = await find_bastion(settings, tunnel)
 
-    # A new key per connection: nothing is written to disk and nothing outlives the
-    # 60-second window in which sshd accepts it.
-    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"ephemwork-{os.getpid()}")
-    public_key = key.export_public_key("openssh").decode().strip()
-    await push_key(settings, bastion, public_key)
+    async def prepare_keys() -> list[asyncssh.SSHKey]:
+        # A new key per connection, reconnects included: nothing is written to disk and
+        # nothing outlives the 60-second window in which sshd accepts it.
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"ephemwork-{os.getpid()}")
+        public_key = key.export_public_key("openssh").decode().strip()
+        await push_key(settings, bastion, public_key)
+        return [key]
 
     public_url = tunnel.public_url or f"http://{bastion.private_ip}:{tunnel.proxy_port}/"
     return TunnelTarget(
         host=bastion.instance_id,
         port=SSH_PORT,
         username=OS_USER,
-        client_keys=[key],
+        client_keys=None,
+        prepare_keys=prepare_keys,
         # SSM opens the channel to the instance we named, authenticated by IAM; the host's
         # key is new on each bastion and published nowhere we could check it against.
         known_hosts=None,

@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import click
 import structlog
 
 from ephemwork.errors import StateError
@@ -42,6 +43,26 @@ STATE_FORMAT_VERSION = 1
 # Seconds to wait for another ephemwork process to release the state lock.
 LOCK_TIMEOUT = 10.0
 _LOCK_POLL_INTERVAL = 0.05
+
+
+@attrs.frozen
+class BastionEndpoint:
+    """The settings with which ``down`` and ``status`` reach a session's bastion themselves."""
+
+    host: str
+    port: int
+    username: str
+    # Private key files; empty means the SSH defaults (~/.ssh/id_*, the agent).
+    identity_files: list[str]
+    # A known_hosts file; None means ~/.ssh/known_hosts unless host_key is set.
+    known_hosts: str | None
+    # The one trusted host key as an OpenSSH public key line, for a bastion whose key is not
+    # in any known_hosts file (the local-mode bastion generates a new one on every start).
+    host_key: str | None
+    control_port: int
+    proxy_port: int
+    # True for the local-mode bastion, which runs inside `up` and stops with it.
+    in_process: bool = False
 
 
 @attrs.frozen
@@ -61,8 +82,20 @@ class SessionRecord:
     # Seconds since the Unix epoch at which the session was recorded.
     started_at: float
     tunnel: str
-    # Free-form lifecycle state set by the CLI, such as "starting", "serving" or "stopping".
+    # Free-form lifecycle state set by the CLI, such as "starting", "serving", "reconnecting",
+    # "dev_server_down" or "stop_requested" (set by `ephemwork down` for one service).
     state: str
+    # The last problem `up` reported for this route, such as a dev server exit; "" if none.
+    last_error: str = ""
+    # The bastion of the session, or None for a tunnel that cannot be reached again without
+    # `up` (ec2, whose SSH key exists only in that process).
+    bastion: BastionEndpoint | None = None
+    # The dev server's process group, the start time of its leader in clock ticks since boot,
+    # and the value of EPHEMWORK_DEV_SERVER_ID in its environment. Together they let `down`
+    # stop what a killed `up` left running without ever signalling a reused group id.
+    dev_pgid: int | None = None
+    dev_start_ticks: int | None = None
+    dev_marker: str = ""
 
     @property
     def header_value(self) -> str:
@@ -115,10 +148,23 @@ def is_process_alive(pid: int, start_ticks: int | None) -> bool:
         # The process exists but belongs to another user, so it is not our `up`.
         return False
 
+    if _is_zombie(pid):
+        # Killed but not yet reaped by its parent, such as an `up` killed with -9 whose
+        # terminal or test harness has not waited for it.
+        return False
     if start_ticks is None:
         return True
     current = process_start_ticks(pid)
     return current is None or current == start_ticks
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields_after_name = stat.rpartition(")")[2].split()
+    return bool(fields_after_name) and fields_after_name[0] == "Z"
 
 
 class StateStore:
@@ -281,11 +327,18 @@ class StateStore:
         aside = self.path.with_name(f"{STATE_FILE_NAME}.corrupt-{stamp}")
         os.replace(self.path, aside)
         _fsync_folder(self.home)
-        log.warning(
+        log.info(
             "state.corrupt_moved_aside",
             path=str(self.path),
             moved_to=str(aside),
             error=str(problem),
+        )
+        # A plain line rather than a log line, because every client command prints it and
+        # the developer may want to look at the damaged file.
+        click.echo(
+            f"warning: the local state file {str(self.path)!r} is damaged ({problem}); moved "
+            f"it to {str(aside)!r} and continued without it.",
+            err=True,
         )
 
     def _write(self, records: list[SessionRecord]) -> None:

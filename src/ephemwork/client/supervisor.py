@@ -13,10 +13,12 @@ import collections
 import contextlib
 import os
 import queue
+import secrets
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
@@ -24,6 +26,9 @@ from typing import TextIO
 import aiohttp
 import structlog
 
+from ephemwork.client.envfile import build_environment
+from ephemwork.client.leftovers import MARKER_ENV_VAR
+from ephemwork.client.portowner import find_port_owner, port_accepts_connections
 from ephemwork.config import ServiceConfig
 from ephemwork.errors import DevServerError
 
@@ -169,7 +174,8 @@ class DevServer:
 
     service: ServiceConfig
     cwd: Path
-    _env: dict[str, str]
+    root: Path
+    _env: dict[str, str] | None
     _output: OutputRelay
     _recent: collections.deque[str]
     _process: asyncio.subprocess.Process | None
@@ -178,11 +184,26 @@ class DevServer:
     _stop_lock: asyncio.Lock
     _stopped: bool
     _close_task: asyncio.Task[None] | None
+    # A random value in the environment of every process of this dev server; see
+    # `ephemwork.client.leftovers`.
+    marker: str
+    _on_started: Callable[[DevServer], None] | None
 
-    def __init__(self, service: ServiceConfig, root: Path, *, output: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        service: ServiceConfig,
+        root: Path,
+        *,
+        output: TextIO | None = None,
+        on_started: Callable[[DevServer], None] | None = None,
+    ) -> None:
         self.service = service
+        self.marker = secrets.token_hex(8)
+        self._on_started = on_started
         self.cwd = root / service.cwd if service.cwd else root
-        self._env = {**os.environ, **service.env}
+        self.root = root
+        # Built on the first build or start, so env files are read once per `up`.
+        self._env = None
         self._output = OutputRelay(output if output is not None else sys.stdout)
         self._recent = collections.deque(maxlen=RECENT_LINES)
         self._process = None
@@ -241,9 +262,11 @@ class DevServer:
         if command is None:
             log.info("dev_server.external", service=self.name, port=self.service.port)
             return
-        if self._process is not None or self._stopped:
-            raise RuntimeError("DevServer.start() may be called once, before stop().")
+        if self._stopped or (self._process is not None and self._process.returncode is None):
+            raise RuntimeError("DevServer.start() needs a dev server that is not running.")
 
+        self._check_port_free()
+        self._recent.clear()
         process = await self._spawn(command, merge_stderr=False)
         self._process = process
         assert process.stdout is not None and process.stderr is not None
@@ -260,6 +283,8 @@ class DevServer:
             command=command,
             cwd=str(self.cwd),
         )
+        if self._on_started is not None:
+            self._on_started(self)
 
     async def wait_healthy(self, timeout_seconds: float | None = None) -> None:
         """Poll the health check until it passes; raise `DevServerError` on exit or timeout.
@@ -279,6 +304,9 @@ class DevServer:
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             while True:
+                if self._process is not None and self._process.returncode is not None:
+                    # Read the last lines first, so the error shows what the server printed.
+                    await self._drain_relays(self._relay_tasks)
                 self._raise_if_exited(target_label)
 
                 result = await self._probe(http, target)
@@ -323,6 +351,22 @@ class DevServer:
         if self._process is None:
             raise RuntimeError("DevServer.wait_exited() is only available after start().")
         return await self._process.wait()
+
+    async def reap(self) -> None:
+        """Stop what is left of the process group of a dev server whose shell has exited.
+
+        A crashed shell may leave a child behind that still holds the port, and a restart
+        would then fail with "address in use".
+        """
+        if self._process is not None and self._process.returncode is not None:
+            if group_alive(self._process.pid):
+                await self._terminate(self._process, "leftovers")
+            await self._drain_relays(self._relay_tasks)
+            self._relay_tasks = []
+
+    def recent_output(self) -> str:
+        """The last lines the dev server printed, as text for a message."""
+        return self._recent_output()
 
     async def stop(self) -> None:
         """Stop the build or dev server and every process in its group; idempotent."""
@@ -369,6 +413,17 @@ class DevServer:
                 f"service.{self.name}.cwd in ephemwork.toml (it is relative to the file's folder)."
             )
 
+        if self._env is None:
+            self._env = build_environment(
+                self.root,
+                self.service.env_file,
+                self.service.env,
+                service=self.name,
+                defaults={"PORT": str(self.service.port)},
+            )
+            # Set last so that `down` can recognize this group even if an env file sets it.
+            self._env[MARKER_ENV_VAR] = self.marker
+
         try:
             return await asyncio.create_subprocess_shell(
                 command,
@@ -384,6 +439,21 @@ class DevServer:
             raise DevServerError(
                 f"{self.name}: cannot start {command!r}: {exc.strerror or exc}."
             ) from exc
+
+    def _check_port_free(self) -> None:
+        port = self.service.port
+        if not port_accepts_connections(port):
+            return
+
+        owner = find_port_owner(port)
+        holder = (
+            f"process {owner.pid} ({owner.command!r})" if owner is not None else "another process"
+        )
+        raise DevServerError(
+            f"{self.name}: port {port} on this laptop is already in use by {holder}, so the "
+            f"dev server cannot listen on it. Stop that process, or remove run_command from "
+            f"service.{self.name} to route to the server already on that port."
+        )
 
     def _start_relay(self, reader: asyncio.StreamReader, prefix: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(

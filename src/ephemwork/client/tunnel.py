@@ -13,7 +13,9 @@ into a `TunnelError` that names the host, port and fix. A `Route` then serves on
    laptop slept;
 4. ``close()`` deregisters the session and closes the forward.
 
-Several routes may share one connection.
+Several routes may share one connection. A route lives on one connection: after the
+connection is lost, `ephemwork.client.link` opens a new `Route` on the next connection with
+the old session, which keeps the same bastion port when it is still free.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextlib
 import os
 import shlex
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,6 +35,7 @@ import attrs
 import structlog
 
 from ephemwork.client.control import ControlClient
+from ephemwork.client.forwarding import ServiceGate
 from ephemwork.errors import ControlAPIError, ProtocolMismatchError, TunnelError
 from ephemwork.wire import ROUTE_HEADER, RegisterRequest, RegisterResponse, RouteKey, Session
 
@@ -47,6 +50,11 @@ DEFAULT_CONNECT_TIMEOUT = 15.0
 
 # Seconds between retries after a failed renewal, capped by a third of the lease.
 RENEW_RETRY_DELAY = 2.0
+
+# After a reconnect, the SSH server may still hold the old forward's port until it notices
+# that the old connection is gone, so listening on it is retried this often, this far apart.
+FORWARD_RETRIES = 6
+FORWARD_RETRY_DELAY = 0.5
 
 
 @attrs.frozen
@@ -73,6 +81,10 @@ class TunnelTarget:
     # Command whose stdin and stdout carry the SSH stream, such as an SSM session.
     proxy_command: str | Sequence[str] | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # Called before every connection attempt, reconnects included, to produce the client
+    # keys; it replaces client_keys. EC2 targets use it to push a fresh key each time,
+    # because EC2 Instance Connect accepts a pushed key for 60 seconds only.
+    prepare_keys: Callable[[], Awaitable[list[asyncssh.SSHKey]]] | None = None
 
     @property
     def address(self) -> str:
@@ -91,11 +103,14 @@ def client_description() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
-async def connect(target: TunnelTarget) -> asyncssh.SSHClientConnection:
+async def connect(
+    target: TunnelTarget, *, client_factory: Callable[[], asyncssh.SSHClient] | None = None
+) -> asyncssh.SSHClientConnection:
     """Open the SSH connection to *target*, or raise `TunnelError` naming the problem and fix.
 
     With ``target.want_pty`` the connection also gets an idle pty session; a server that
-    rejects it only costs a warning.
+    rejects it only costs a warning. *client_factory* lets the caller watch the connection's
+    events, such as the reason it was lost.
     """
     _check_files_exist(target)
 
@@ -111,6 +126,10 @@ async def connect(target: TunnelTarget) -> asyncssh.SSHClientConnection:
         options["client_keys"] = target.client_keys
     if target.proxy_command is not None:
         options["proxy_command"] = target.proxy_command
+    if target.prepare_keys is not None:
+        options["client_keys"] = await target.prepare_keys()
+    if client_factory is not None:
+        options["client_factory"] = client_factory
 
     log.info("tunnel.connecting", target=target.description, address=target.address)
     with _map_connect_errors(target):
@@ -218,6 +237,8 @@ class Route:
     _renew_task: asyncio.Task[None] | None
     _close_task: asyncio.Task[None] | None
     _closed: asyncio.Event
+    _gate: ServiceGate | None
+    _abandoned: bool
 
     def __init__(
         self,
@@ -228,6 +249,7 @@ class Route:
         client: str,
         *,
         takeover: bool = False,
+        gate: ServiceGate | None = None,
     ) -> None:
         self.key = key
         self.local_port = local_port
@@ -241,6 +263,8 @@ class Route:
         self._renew_task = None
         self._close_task = None
         self._closed = asyncio.Event()
+        self._gate = gate
+        self._abandoned = False
 
     @property
     def session(self) -> Session:
@@ -254,14 +278,23 @@ class Route:
         """The port on the bastion's loopback that forwards to this laptop."""
         return self.session.port
 
-    async def open(self) -> Session:
-        """Register the route, open the reverse forward and start renewing the lease."""
+    async def open(self, previous: Session | None = None) -> Session:
+        """Register the route, open the reverse forward and start renewing the lease.
+
+        With *previous*, the session held over a connection that was lost, the route renews
+        that session and listens on its port again. If the bastion has forgotten it, the
+        route registers again and asks for the same port.
+        """
         if self._session is not None or self._close_task is not None:
             raise RuntimeError("Route.open() may be called once, before close().")
 
-        response = await self._register(preferred_port=None, takeover=self._takeover)
+        if previous is not None:
+            await self._resume(previous)
+        else:
+            await self._register(preferred_port=None, takeover=self._takeover)
+
         try:
-            self._listener = await self._forward(response.session.port)
+            self._listener = await self._forward_with_retries(self.session.port)
         except BaseException:
             # Without the forward the session only produces 502s, so give it back now
             # instead of waiting for its lease to expire.
@@ -271,7 +304,43 @@ class Route:
         self._renew_task = asyncio.create_task(
             self._renew_until_failed(), name=f"ephemwork-renew-{self.key}"
         )
-        return response.session
+        return self.session
+
+    async def _resume(self, previous: Session) -> None:
+        self._session = previous
+        try:
+            renewal = await self._control.renew(previous.session_id)
+        except ControlAPIError as exc:
+            if exc.code != "session_not_found":
+                raise
+            log.warning("route.session_lost", route=str(self.key), session_id=previous.session_id)
+            # takeover=False: if someone else took the route meanwhile, that session wins.
+            await self._register(preferred_port=previous.port, takeover=False)
+            return
+
+        self._lease_ttl = renewal.lease_ttl
+        log.info(
+            "route.resumed",
+            route=str(self.key),
+            session_id=previous.session_id,
+            bastion_port=previous.port,
+        )
+
+    async def _forward_with_retries(self, bastion_port: int) -> asyncssh.SSHListener:
+        for attempt in range(1, FORWARD_RETRIES + 1):
+            try:
+                return await self._forward(bastion_port)
+            except _PortBusyError as exc:
+                if attempt == FORWARD_RETRIES:
+                    raise exc.error from None
+                log.info(
+                    "route.forward_retry",
+                    route=str(self.key),
+                    bastion_port=bastion_port,
+                    attempt=attempt,
+                )
+                await asyncio.sleep(FORWARD_RETRY_DELAY)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def wait_lost(self) -> None:
         """Wait until the route stops renewing; raise the error that ended it.
@@ -289,6 +358,15 @@ class Route:
         error = self._renew_task.exception()
         if error is not None:
             raise error
+
+    def abandon(self) -> None:
+        """Stop renewing without deregistering, because the connection is already gone.
+
+        The session stays on the bastion until its lease expires, so the next connection
+        can resume it on the same port.
+        """
+        self._abandoned = True
+        self.close()
 
     def close(self) -> None:
         """Start deregistering the session and closing the forward; idempotent."""
@@ -336,14 +414,21 @@ class Route:
 
     async def _forward(self, bastion_port: int) -> asyncssh.SSHListener:
         try:
-            listener = await self._conn.forward_remote_port(
-                "127.0.0.1", bastion_port, "127.0.0.1", self.local_port
-            )
+            if self._gate is None:
+                listener = await self._conn.forward_remote_port(
+                    "127.0.0.1", bastion_port, "127.0.0.1", self.local_port
+                )
+            else:
+                listener = await self._conn.create_server(
+                    self._gate.session_factory(self._conn), "127.0.0.1", bastion_port
+                )
         except asyncssh.ChannelListenError as exc:
-            raise TunnelError(
-                f"The bastion's SSH server rejected listening on 127.0.0.1:{bastion_port} for "
-                f"{self.key}: {exc}. Check that its sshd allows remote forwarding "
-                "(AllowTcpForwarding) and that no other process holds the port."
+            raise _PortBusyError(
+                TunnelError(
+                    f"The bastion's SSH server rejected listening on 127.0.0.1:{bastion_port} "
+                    f"for {self.key}: {exc}. Check that its sshd allows remote forwarding "
+                    "(AllowTcpForwarding) and that no other process holds the port."
+                )
             ) from exc
         except (asyncssh.Error, OSError) as exc:
             raise TunnelError(
@@ -383,7 +468,7 @@ class Route:
                 if self._conn.is_closed():
                     raise TunnelError(
                         f"The SSH connection to the bastion closed, so the route {self.key} "
-                        "is down. Run `ephemwork up` again to reconnect."
+                        "is down until it reconnects."
                     ) from exc
                 delay = self._retry_delay(exc, session_id)
                 continue
@@ -440,7 +525,7 @@ class Route:
 
         old_listener = self._listener
         try:
-            self._listener = await self._forward(response.session.port)
+            self._listener = await self._forward_with_retries(response.session.port)
         except TunnelError:
             # A session without a forward only produces 502s. Giving it back makes the next
             # renewal get session_not_found and try again.
@@ -486,7 +571,8 @@ class Route:
                 self._renew_task.cancel()
                 await asyncio.wait([self._renew_task])
 
-            await self._deregister()
+            if not self._abandoned:
+                await self._deregister()
 
             if self._listener is not None:
                 self._listener.close()
@@ -498,3 +584,13 @@ class Route:
                 )
         finally:
             self._closed.set()
+
+
+class _PortBusyError(Exception):
+    """The SSH server would not listen on a bastion port; *error* is the message for users."""
+
+    error: TunnelError
+
+    def __init__(self, error: TunnelError) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 import structlog
 
+from ephemwork.client.stale import clean_stale_record
 from ephemwork.client.state import SessionRecord, StateStore, is_process_alive
+from ephemwork.commands.stop import DOWN_SIGNAL
 from ephemwork.errors import StateError
 from ephemwork.identity import resolve_user, validate_name
 
@@ -59,15 +61,14 @@ async def _stop_owner(store: StateStore, pid: int, records: list[SessionRecord])
     first = records[0]
 
     if not is_process_alive(pid, first.pid_start_ticks):
-        for record in records:
-            store.remove(record.user, record.service)
-        log.warning("down.stale_record", routes=routes, pid=pid)
-        # TODO: connect to the bastion and deregister the sessions, so their routes go away
-        # now instead of when their leases expire.
+        log.info("down.stale_record", routes=routes, pid=pid)
         click.echo(
-            f"`ephemwork up` (pid {pid}) for {routes} is no longer running; removed its local "
-            "record. The bastion drops its route when the lease expires."
+            f"`ephemwork up` (pid {pid}) for {routes} is no longer running; cleaning up after it."
         )
+        for record in records:
+            await clean_stale_record(record, click.echo)
+            store.remove(record.user, record.service)
+        click.echo(f"Removed the local record of {routes}.")
         return
 
     others = [
@@ -76,7 +77,8 @@ async def _stop_owner(store: StateStore, pid: int, records: list[SessionRecord])
         if record.pid == pid and record not in records
     ]
     if others:
-        click.echo(f"`ephemwork up` (pid {pid}) also serves {', '.join(others)}; stopping it all.")
+        await _stop_services(store, pid, records, others)
+        return
 
     log.info("down.stopping", routes=routes, pid=pid)
     with contextlib.suppress(ProcessLookupError):
@@ -92,3 +94,35 @@ async def _stop_owner(store: StateStore, pid: int, records: list[SessionRecord])
         await asyncio.sleep(0.1)
 
     click.echo(f"Stopped `ephemwork up` (pid {pid}) for {routes}.")
+
+
+async def _stop_services(
+    store: StateStore, pid: int, records: list[SessionRecord], others: list[str]
+) -> None:
+    """Ask the `up` with *pid* to stop only *records*' services; it keeps serving *others*."""
+    routes = ", ".join(record.header_value for record in records)
+    for record in records:
+        store.update(record.user, record.service, state="stop_requested")
+    log.info("down.stopping_services", routes=routes, pid=pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, DOWN_SIGNAL)
+
+    deadline = time.monotonic() + STOP_WAIT
+    while any(_still_served(store, record) for record in records):
+        if time.monotonic() > deadline:
+            raise StateError(
+                f"`ephemwork up` (pid {pid}) did not stop {routes} within {STOP_WAIT:.0f} s. "
+                f"Stop the whole process with `kill {pid}`."
+            )
+        if not is_process_alive(pid, records[0].pid_start_ticks):
+            break
+        await asyncio.sleep(0.1)
+
+    click.echo(
+        f"Stopped {routes} in `ephemwork up` (pid {pid}); it still serves {', '.join(others)}."
+    )
+
+
+def _still_served(store: StateStore, record: SessionRecord) -> bool:
+    current = store.get(record.user, record.service)
+    return current is not None and current.pid == record.pid

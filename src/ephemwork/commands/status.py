@@ -1,55 +1,214 @@
-"""``ephemwork status``: this user's sessions as recorded on this laptop."""
+"""``ephemwork status``: this user's sessions, from local state and from their bastions.
+
+Each row puts three views side by side: the local record (and whether its ``up`` still
+runs), the bastion's session for the route, and one probe request through the bastion's
+proxy. The STATE column shows "connected" only when the probe came back from the laptop.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import click
 
-from ephemwork.client.state import StateStore, is_process_alive
+from ephemwork.client.bastionview import BastionView, ProbeResult, inspect_bastion
+from ephemwork.client.state import BastionEndpoint, SessionRecord, StateStore, is_process_alive
 from ephemwork.identity import resolve_user
+from ephemwork.wire import Session
 
-COLUMNS = ("SERVICE", "HEADER", "LOCAL PORT", "BASTION PORT", "STATE", "UPTIME", "PID")
+COLUMNS = (
+    "SERVICE",
+    "HEADER",
+    "LOCAL PORT",
+    "BASTION PORT",
+    "LOCAL",
+    "BASTION",
+    "STATE",
+    "UPTIME",
+    "LAST ERROR",
+)
+
+
+@attrs.frozen
+class _Row:
+    """One route as `status` shows it."""
+
+    service: str
+    header_value: str
+    local_port: int | None
+    # The port in local state, and the one the bastion reports; None where unknown.
+    bastion_port: int | None
+    bastion_reported_port: int | None
+    pid: int | None
+    # The record's state, "stale" when its `up` is gone, or "-" without a local record.
+    local_state: str
+    # "registered", "not registered", "unreachable", or "-" when not asked.
+    bastion_state: str
+    state: str
+    uptime_seconds: int | None
+    last_error: str
+    probe: ProbeResult | None
 
 
 async def run_status(config_path: Path | None, *, as_json: bool) -> None:
-    """Print this user's sessions, marking those whose ``up`` process is gone as stale."""
+    """Print this user's sessions as a table, or as JSON with ``as_json``."""
     del config_path
     user = resolve_user()
     records = [record for record in StateStore().list_records() if record.user == user]
+    alive = {id(record): is_process_alive(record.pid, record.pid_start_ticks) for record in records}
 
-    rows = []
-    for record in records:
-        alive = is_process_alive(record.pid, record.pid_start_ticks)
-        rows.append(
-            {
-                **attrs.asdict(record),
-                "header_value": record.header_value,
-                "state": record.state if alive else "stale",
-                "uptime_seconds": round(time.time() - record.started_at) if alive else None,
-            }
-        )
+    views = await _ask_bastions(user, records, alive)
+    rows = [_row(record, alive[id(record)], views) for record in records]
+    rows += _bastion_only_rows(records, views)
 
     if as_json:
-        click.echo(json.dumps({"user": user, "sessions": rows}, indent=2))
+        document = {"user": user, "sessions": [_row_json(row) for row in rows]}
+        click.echo(json.dumps(document, indent=2))
         return
 
     if not rows:
         click.echo(f"No sessions for user {user}. Start one with `ephemwork up SERVICE`.")
         return
+    _print_table(rows)
 
+
+def _endpoint_key(endpoint: BastionEndpoint) -> str:
+    return json.dumps(attrs.asdict(endpoint), sort_keys=True)
+
+
+async def _ask_bastions(
+    user: str, records: list[SessionRecord], alive: dict[int, bool]
+) -> dict[str, BastionView]:
+    """Ask each bastion that a record names; an in-process bastion only while its `up` runs."""
+    by_endpoint: dict[str, tuple[BastionEndpoint, list[str]]] = {}
+    for record in records:
+        endpoint = record.bastion
+        if endpoint is None or (endpoint.in_process and not alive[id(record)]):
+            continue
+        _, probe_ids = by_endpoint.setdefault(_endpoint_key(endpoint), (endpoint, []))
+        if alive[id(record)] and record.session_id:
+            probe_ids.append(record.session_id)
+
+    views = {}
+    for key, (endpoint, probe_ids) in by_endpoint.items():
+        views[key] = await inspect_bastion(endpoint, user, probe_ids)
+    return views
+
+
+def _row(record: SessionRecord, alive: bool, views: dict[str, BastionView]) -> _Row:
+    view = views.get(_endpoint_key(record.bastion)) if record.bastion is not None else None
+    session = _find_session(view, record) if view is not None else None
+    probe = view.probes.get(record.session_id) if view is not None else None
+
+    if view is None:
+        bastion_state = "-"
+    elif not view.reachable:
+        bastion_state = "unreachable"
+    else:
+        bastion_state = "registered" if session is not None else "not registered"
+
+    state, problem = _overall_state(record, alive, view, session, probe)
+    return _Row(
+        service=record.service,
+        header_value=record.header_value,
+        local_port=record.local_port,
+        bastion_port=record.bastion_port or None,
+        bastion_reported_port=session.port if session is not None else None,
+        pid=record.pid,
+        local_state=record.state if alive else "stale",
+        bastion_state=bastion_state,
+        state=state,
+        uptime_seconds=round(time.time() - record.started_at) if alive else None,
+        last_error=problem or record.last_error,
+        probe=probe,
+    )
+
+
+def _overall_state(
+    record: SessionRecord,
+    alive: bool,
+    view: BastionView | None,
+    session: Session | None,
+    probe: ProbeResult | None,
+) -> tuple[str, str]:
+    """Return the STATE column and the problem to show, "" when there is none."""
+    if not alive:
+        if session is not None:
+            return "stale", "the bastion still routes it until its lease expires"
+        return "stale", "its `ephemwork up` is gone; run `ephemwork down` to clean up"
+    if record.state in ("starting", "stop_requested"):
+        return record.state, ""
+    if view is None:
+        return record.state, ""
+    if not view.reachable:
+        return "bastion unreachable", view.error
+    if session is None:
+        return "not registered", "the bastion holds no session for this route"
+    if probe is None:
+        return "unknown", "no probe was sent"
+    if not probe.from_laptop:
+        return "broken", probe.detail
+    if not probe.dev_server_up:
+        return "dev server down", probe.detail
+    return "connected", ""
+
+
+def _find_session(view: BastionView, record: SessionRecord) -> Session | None:
+    for session in view.sessions:
+        if session.session_id == record.session_id:
+            return session
+    return None
+
+
+def _bastion_only_rows(records: list[SessionRecord], views: dict[str, BastionView]) -> list[_Row]:
+    """Rows for sessions a bastion holds for this user that no local record names."""
+    known = {record.session_id for record in records}
+    rows = []
+    for view in views.values():
+        for session in view.sessions:
+            if session.session_id in known:
+                continue
+            rows.append(
+                _Row(
+                    service=session.service,
+                    header_value=session.route.header_value,
+                    local_port=None,
+                    bastion_port=None,
+                    bastion_reported_port=session.port,
+                    pid=None,
+                    local_state="-",
+                    bastion_state="registered",
+                    state="not on this laptop",
+                    uptime_seconds=round(time.time() - session.registered_at),
+                    last_error=f"registered by {session.client}",
+                    probe=None,
+                )
+            )
+    return rows
+
+
+def _row_json(row: _Row) -> dict[str, Any]:
+    document = attrs.asdict(row)
+    document["probe"] = attrs.asdict(row.probe) if row.probe is not None else None
+    return document
+
+
+def _print_table(rows: list[_Row]) -> None:
     table = [COLUMNS] + [
         (
-            row["service"],
-            row["header_value"],
-            str(row["local_port"]),
-            str(row["bastion_port"] or "-"),
-            row["state"],
-            _format_duration(row["uptime_seconds"]),
-            str(row["pid"]),
+            row.service,
+            row.header_value,
+            _cell(row.local_port),
+            _bastion_port_cell(row),
+            row.local_state,
+            row.bastion_state,
+            row.state,
+            _format_duration(row.uptime_seconds),
+            row.last_error or "-",
         )
         for row in rows
     ]
@@ -58,6 +217,17 @@ async def run_status(config_path: Path | None, *, as_json: bool) -> None:
         click.echo(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
+
+
+def _bastion_port_cell(row: _Row) -> str:
+    reported = row.bastion_reported_port
+    if reported is not None and row.bastion_port is not None and reported != row.bastion_port:
+        return f"{row.bastion_port} (bastion: {reported})"
+    return _cell(row.bastion_port if row.bastion_port is not None else reported)
+
+
+def _cell(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _format_duration(seconds: int | None) -> str:

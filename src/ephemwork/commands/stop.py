@@ -14,6 +14,10 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+# `ephemwork down SERVICE` marks the service "stop_requested" in local state, then sends
+# this signal, so an `up` that serves several services stops only that one.
+DOWN_SIGNAL = signal.SIGUSR1
+
 
 class StopRequested(Exception):
     """Raised out of `StopSignal.race` when SIGINT or SIGTERM arrived first."""
@@ -23,20 +27,24 @@ class StopSignal:
     """An event set by SIGINT or SIGTERM while the ``with`` block runs.
 
     Long steps run through `race`, so a Ctrl-C during a build or a health check stops the
-    step at once instead of after it.
+    step at once instead of after it. `DOWN_SIGNAL` sets `down_requested` instead; it is
+    handled from the start, because its default action would kill the process.
     """
 
     event: asyncio.Event
+    down_requested: asyncio.Event
     signal_name: str | None
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.down_requested = asyncio.Event()
         self.signal_name = None
 
     def __enter__(self) -> StopSignal:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(DOWN_SIGNAL, self.down_requested.set)
         return self
 
     def __exit__(
@@ -46,7 +54,7 @@ class StopSignal:
         traceback: TracebackType | None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, DOWN_SIGNAL):
             loop.remove_signal_handler(signum)
 
     def _on_signal(self, signum: signal.Signals) -> None:

@@ -8,8 +8,9 @@ The steps run in this order, each undone in reverse when the command stops:
 3. reach the bastion (in local mode, start one in this process) and open one SSH
    connection;
 4. register each route and open its reverse forward, then print how to reach it;
-5. hold until Ctrl-C, SIGTERM (sent by ``ephemwork down``), a lost route or a dev server
-   that exits.
+5. hold until Ctrl-C or SIGTERM, reconnecting after a lost SSH connection and restarting a
+   dev server that exits (see `ephemwork.client.link` and `ephemwork.client.restarts`);
+   ``ephemwork down SERVICE`` stops one service of several with SIGUSR1.
 """
 
 from __future__ import annotations
@@ -21,30 +22,32 @@ import signal
 import time
 from pathlib import Path
 
+import attrs
 import click
 import structlog
 
-from ephemwork.client.control import ControlClient
+from ephemwork.client.endpoint import endpoint_of
+from ephemwork.client.forwarding import ServiceGate
+from ephemwork.client.link import Link, close_quietly
+from ephemwork.client.restarts import keep_running
+from ephemwork.client.stale import clean_stale_record
 from ephemwork.client.state import (
+    BastionEndpoint,
     SessionRecord,
     StateStore,
     is_process_alive,
     process_start_ticks,
 )
 from ephemwork.client.supervisor import DevServer
-from ephemwork.client.tunnel import Route, client_description, connect, curl_hint
+from ephemwork.client.tunnel import TunnelTarget, client_description, curl_hint
 from ephemwork.commands.stop import StopRequested, StopSignal
-from ephemwork.config import Config, ServiceConfig, load_config
-from ephemwork.errors import DevServerError, StateError, TunnelError
+from ephemwork.config import Config, LocalTunnel, ServiceConfig, load_config
+from ephemwork.errors import DevServerError, StateError
 from ephemwork.identity import resolve_user
 from ephemwork.targets import open_target
-from ephemwork.wire import RouteKey
+from ephemwork.wire import RouteKey, Session
 
 log = structlog.get_logger()
-
-# Seconds between deregistering the routes and closing the SSH connection, so responses
-# to requests that the bastion forwarded just before deregistration are not cut off.
-DRAIN_SECONDS = 0.5
 
 # Seconds that --takeover waits for the previous `up` to stop after SIGTERM.
 TAKEOVER_WAIT = 10.0
@@ -57,13 +60,35 @@ async def run_up(config_path: Path | None, service_names: list[str], *, takeover
     user = resolve_user()
     store = StateStore()
 
+    progress = _Progress()
     with StopSignal() as stop:
         try:
-            await _serve(config, services, user, store, stop, takeover=takeover)
+            await _serve(config, services, user, store, stop, progress, takeover=takeover)
         except StopRequested:
             pass
 
-    click.echo(f"Stopped ({stop.signal_name or 'done'}); routes deregistered.")
+    click.echo(f"Stopped ({stop.signal_name or 'done'}){progress.describe()}.")
+
+
+class _Progress:
+    """How far ``up`` got, for the last line it prints."""
+
+    dev_servers: list[str]
+    routes: list[str]
+
+    def __init__(self) -> None:
+        self.dev_servers = []
+        self.routes = []
+
+    def describe(self) -> str:
+        if self.routes:
+            return "; routes deregistered"
+        if self.dev_servers:
+            return (
+                f" before any route was registered; stopped the dev server of "
+                f"{', '.join(self.dev_servers)}"
+            )
+        return " before any dev server started"
 
 
 async def _serve(
@@ -72,6 +97,7 @@ async def _serve(
     user: str,
     store: StateStore,
     stop: StopSignal,
+    progress: _Progress,
     *,
     takeover: bool,
 ) -> None:
@@ -82,40 +108,43 @@ async def _serve(
             await _claim(store, keys[service.name], service, stop, takeover=takeover)
             stack.callback(store.remove, user, service.name)
 
-        dev_servers: list[DevServer] = []
+        if isinstance(config.tunnel, LocalTunnel):
+            # Imported here so that remote tunnel types never load the bastion.
+            from ephemwork.local_mode import check_proxy_port_free
+
+            # After the claims, because --takeover frees the port of the `up` it replaces.
+            check_proxy_port_free(config.tunnel, config.path)
+
+        dev_servers: dict[str, DevServer] = {}
         for service in services:
-            dev_server = DevServer(service, config.root)
+            dev_server = DevServer(
+                service, config.root, on_started=lambda dev: _record_dev_server(store, user, dev)
+            )
             await stack.enter_async_context(dev_server)
             await stop.race(dev_server.build())
             await stop.race(dev_server.start())
+            progress.dev_servers.append(service.name)
             await stop.race(dev_server.wait_healthy())
-            dev_servers.append(dev_server)
+            dev_servers[service.name] = dev_server
 
         target = await stack.enter_async_context(open_target(config.tunnel))
-        conn = await stop.race(connect(target))
-        stack.push_async_callback(conn.wait_closed)
-        stack.callback(conn.close)
-        # Runs after the routes are deregistered, before the connection closes.
-        stack.push_async_callback(asyncio.sleep, DRAIN_SECONDS)
-        control = ControlClient(conn, target.control_port)
+        endpoint = endpoint_of(target, in_process=isinstance(config.tunnel, LocalTunnel))
+        link = Link(
+            target,
+            client_description(),
+            takeover=takeover,
+            notify=click.echo,
+            on_session=lambda key, session: _record_session(store, key, session, target, endpoint),
+        )
+        await stop.race(link.connect())
+        stack.push_async_callback(close_quietly, link)
 
-        routes: list[Route] = []
+        gates: dict[str, ServiceGate] = {}
         for service in services:
             key = keys[service.name]
-            route = Route(conn, control, key, service.port, client_description(), takeover=takeover)
-            session = await stop.race(route.open())
-            stack.push_async_callback(route.wait_closed)
-            stack.callback(route.close)
-            routes.append(route)
-
-            store.update(
-                user,
-                service.name,
-                bastion_port=session.port,
-                session_id=session.session_id,
-                tunnel=target.description,
-                state="serving",
-            )
+            gates[service.name] = ServiceGate(service.name, service.port)
+            session = await stop.race(link.add_route(key, service.port, gates[service.name]))
+            progress.routes.append(key.header_value)
             log.info(
                 "route.ready",
                 route=key.header_value,
@@ -127,37 +156,129 @@ async def _serve(
             click.echo(f"  {curl_hint(target, key)}")
 
         click.echo("Press Ctrl-C to stop.")
-        await stop.race(_hold(routes, dev_servers))
+        holder = _Holder(link, store, user, dev_servers, gates, stop.down_requested)
+        await stop.race(holder.hold())
 
 
-async def _hold(routes: list[Route], dev_servers: list[DevServer]) -> None:
-    """Return never; raise when a route is lost or a dev server exits."""
-    watchers = [
-        asyncio.create_task(route.wait_lost(), name=f"ephemwork-watch-route-{route.key}")
-        for route in routes
-    ] + [
-        asyncio.create_task(dev.wait_exited(), name=f"ephemwork-watch-dev-{dev.name}")
-        for dev in dev_servers
-    ]
-    try:
-        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for watcher in watchers:
-            watcher.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-
-    for finished in done:
-        error = finished.exception()
-        if error is not None:
-            raise error
-        if finished.get_name().startswith("ephemwork-watch-dev-"):
-            name = finished.get_name().removeprefix("ephemwork-watch-dev-")
-            raise DevServerError(
-                f"The dev server of {name!r} exited with code {finished.result()}; "
-                "its route is closed. Fix the error above and run `ephemwork up` again."
+def _record_session(
+    store: StateStore,
+    key: RouteKey,
+    session: Session,
+    target: TunnelTarget,
+    endpoint: BastionEndpoint | None,
+) -> None:
+    with store.transaction() as records:
+        for index, record in enumerate(records):
+            if (record.user, record.service) != (key.user, key.service):
+                continue
+            # A reconnect must not undo a pending `ephemwork down SERVICE`.
+            state = "stop_requested" if record.state == "stop_requested" else "serving"
+            records[index] = attrs.evolve(
+                record,
+                bastion_port=session.port,
+                session_id=session.session_id,
+                tunnel=target.description,
+                state=state,
+                bastion=endpoint,
             )
 
-    raise TunnelError("The route to the bastion was closed unexpectedly.")
+
+def _record_dev_server(store: StateStore, user: str, dev: DevServer) -> None:
+    pgid = dev.pid
+    store.update(
+        user,
+        dev.name,
+        dev_pgid=pgid,
+        dev_start_ticks=process_start_ticks(pgid) if pgid is not None else None,
+        dev_marker=dev.marker,
+    )
+
+
+class _Holder:
+    """The running part of ``up``: the link, one restart loop per dev server, ``down`` requests."""
+
+    _link: Link
+    _store: StateStore
+    _user: str
+    _dev_servers: dict[str, DevServer]
+    _gates: dict[str, ServiceGate]
+    _services: dict[str, asyncio.Task[None]]
+    _down_requested: asyncio.Event
+    _failures: list[DevServerError]
+
+    def __init__(
+        self,
+        link: Link,
+        store: StateStore,
+        user: str,
+        dev_servers: dict[str, DevServer],
+        gates: dict[str, ServiceGate],
+        down_requested: asyncio.Event,
+    ) -> None:
+        self._link = link
+        self._store = store
+        self._user = user
+        self._dev_servers = dev_servers
+        self._gates = gates
+        self._services = {}
+        self._down_requested = down_requested
+        self._failures = []
+
+    async def hold(self) -> None:
+        """Run until every service stopped; raise the link's fatal error or a dev server's."""
+        link_task = asyncio.create_task(self._link.run(), name="ephemwork-link")
+        down_task = asyncio.create_task(self._watch_down_requests(), name="ephemwork-down")
+        for name, dev in self._dev_servers.items():
+            self._services[name] = asyncio.create_task(
+                keep_running(dev, self._gates[name], click.echo), name=f"ephemwork-keep-{name}"
+            )
+
+        try:
+            while self._services:
+                waiting = {link_task, down_task, *self._services.values()}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if link_task in done or down_task in done:
+                    # Both run until cancelled, so finishing means they raised.
+                    (link_task if link_task in done else down_task).result()
+                for name, task in list(self._services.items()):
+                    if task in done:
+                        await self._end_service(name, task)
+        finally:
+            tasks = [link_task, down_task, *self._services.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._failures:
+            raise self._failures[-1]
+
+    async def _end_service(self, name: str, task: asyncio.Task[None]) -> None:
+        del self._services[name]
+        error = task.exception() if not task.cancelled() else None
+        if error is not None and not isinstance(error, DevServerError):
+            raise error
+
+        key = RouteKey(self._user, name)
+        await self._link.remove_route(key)
+        await self._dev_servers[name].stop()
+        self._store.remove(self._user, name)
+        if isinstance(error, DevServerError):
+            self._failures.append(error)
+            if self._services:
+                click.echo(str(error))
+        else:
+            click.echo(f"Stopped {key.header_value} (ephemwork down); route deregistered.")
+
+    async def _watch_down_requests(self) -> None:
+        while True:
+            await self._down_requested.wait()
+            self._down_requested.clear()
+            for record in self._store.list_records():
+                requested = record.pid == os.getpid() and record.state == "stop_requested"
+                task = self._services.get(record.service)
+                if requested and record.user == self._user and task is not None:
+                    log.info("down.service_requested", route=record.header_value)
+                    task.cancel()
 
 
 async def _claim(
@@ -165,7 +286,13 @@ async def _claim(
 ) -> None:
     """Record ``key`` as served by this process, stopping a previous ``up`` with --takeover."""
     existing = store.get(key.user, key.service)
-    if existing is not None and is_process_alive(existing.pid, existing.pid_start_ticks):
+    if existing is not None and not is_process_alive(existing.pid, existing.pid_start_ticks):
+        click.echo(
+            f"`ephemwork up` (pid {existing.pid}) for {key.header_value} is no longer running; "
+            "cleaning up after it."
+        )
+        await stop.race(clean_stale_record(existing, click.echo))
+    elif existing is not None:
         if not takeover:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(existing.started_at))
             raise StateError(
