@@ -12,10 +12,10 @@ import pytest
 
 from ephemwork.client.leftovers import (
     MARKER_ENV_VAR,
-    group_members,
     recorded_group_alive,
     stop_recorded_group,
 )
+from ephemwork.client.processgroup import group_members
 from ephemwork.client.state import process_start_ticks
 
 # A shell whose Python child starts a grandchild; every process sleeps.

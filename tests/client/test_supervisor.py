@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from ephemwork.client.supervisor import DevServer, OutputRelay, group_alive
+from ephemwork.client.processgroup import group_alive
+from ephemwork.client.supervisor import DevServer, OutputRelay
 from ephemwork.config import ServiceConfig
 from ephemwork.errors import DevServerError
 

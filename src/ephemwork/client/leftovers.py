@@ -15,41 +15,16 @@ the group's leader and a random marker that it puts into the dev server's enviro
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
-import time
 from pathlib import Path
 
 import structlog
 
+from ephemwork.client.processgroup import group_members, terminate_group
 from ephemwork.client.state import process_start_ticks
 
 log = structlog.get_logger()
 
 MARKER_ENV_VAR = "EPHEMWORK_DEV_SERVER_ID"
-
-# Seconds to wait after SIGKILL for the group to go.
-KILL_WAIT = 5.0
-_POLL_INTERVAL = 0.05
-
-
-def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
-    """Return the pids of process group *pgid* that are not zombies."""
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # After the parenthesized command name: state, ppid, pgrp, ...
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def recorded_group_alive(pgid: int, leader_start_ticks: int | None, marker: str) -> bool:
@@ -75,15 +50,8 @@ async def stop_recorded_group(
         return False
 
     log.info("leftover.stopping", pgid=pgid, members=group_members(pgid))
-    _signal_group(pgid, signal.SIGTERM)
-    if not await _wait_gone(pgid, stop_timeout):
-        log.warning("leftover.kill", pgid=pgid, stop_timeout=stop_timeout)
-        _signal_group(pgid, signal.SIGKILL)
-        if not await _wait_gone(pgid, KILL_WAIT):
-            log.error("leftover.survived_kill", pgid=pgid, members=group_members(pgid))
-            return True
-
-    log.info("leftover.stopped", pgid=pgid)
+    if await terminate_group(pgid, stop_timeout):
+        log.info("leftover.stopped", pgid=pgid)
     return True
 
 
@@ -93,17 +61,3 @@ def _carries_marker(pid: int, marker: str) -> bool:
     except OSError:
         return False
     return f"{MARKER_ENV_VAR}={marker}".encode() in environ.split(b"\0")
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-async def _wait_gone(pgid: int, limit: float) -> bool:
-    deadline = time.monotonic() + limit
-    while group_members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(_POLL_INTERVAL)
-    return True

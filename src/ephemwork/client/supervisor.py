@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import queue
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ import structlog
 from ephemwork.client.envfile import build_environment
 from ephemwork.client.leftovers import MARKER_ENV_VAR
 from ephemwork.client.portowner import find_port_owner, port_accepts_connections
+from ephemwork.client.processgroup import group_alive, terminate_group
 from ephemwork.config import ServiceConfig
 from ephemwork.errors import DevServerError
 
@@ -49,10 +48,6 @@ HEALTH_REQUEST_TIMEOUT = 2.0
 
 # A progress line every few seconds when output is not a terminal keeps logs short.
 PLAIN_PROGRESS_INTERVAL = 5.0
-
-# Seconds to wait after SIGKILL, and to poll the process group while waiting.
-KILL_WAIT = 5.0
-_GROUP_POLL_INTERVAL = 0.05
 
 # Seconds to wait for the output relay to read the last lines after a process exits.
 RELAY_DRAIN_TIMEOUT = 1.0
@@ -528,18 +523,7 @@ class DevServer:
         pgid = process.pid
         log.info("dev_server.stopping", service=self.name, role=role, pid=process.pid, pgid=pgid)
 
-        _signal_group(pgid, signal.SIGTERM)
-        if not await _wait_group_gone(pgid, self.service.stop_timeout):
-            log.warning(
-                "dev_server.kill",
-                service=self.name,
-                role=role,
-                pgid=pgid,
-                stop_timeout=self.service.stop_timeout,
-            )
-            _signal_group(pgid, signal.SIGKILL)
-            if not await _wait_group_gone(pgid, KILL_WAIT):
-                log.error("dev_server.group_survived_kill", service=self.name, pgid=pgid)
+        await terminate_group(pgid, self.service.stop_timeout, service=self.name, role=role)
 
         exit_code = await process.wait()
         log.info(
@@ -562,51 +546,3 @@ def _describe_error(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return exc.os_error.strerror or str(exc.os_error)
     return str(exc) or type(exc).__name__
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-async def _wait_group_gone(pgid: int, limit: float) -> bool:
-    deadline = time.monotonic() + limit
-    while group_alive(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(_GROUP_POLL_INTERVAL)
-    return True
-
-
-def group_alive(pgid: int) -> bool:
-    """Return whether process group *pgid* still has a process that is not a zombie.
-
-    Zombies count as gone: they hold no port and no CPU, and an orphaned one waits for an
-    init process to reap it, which a container's init may never do.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _has_live_member(pgid)
-
-
-def _has_live_member(pgid: int) -> bool:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesized command name: state, ppid, pgrp, ...
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
