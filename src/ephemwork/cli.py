@@ -80,20 +80,6 @@ def run_async(function: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
     return wrapper
 
 
-def report_errors(function: Callable[P, R]) -> Callable[P, R]:
-    """Turn our errors raised by a synchronous command body into one line and an exit code."""
-
-    @functools.wraps(function)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return function(*args, **kwargs)
-        except EphemworkError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
-
-
 config_option = click.option(
     "--config",
     "config_path",
@@ -110,21 +96,24 @@ config_option = click.option(
     type=click.Choice(["auto", "console", "json"]),
     default="auto",
     show_default=True,
-    help="Log line format; auto means console on a terminal and JSON otherwise.",
+    help="Log line format. auto: console for client commands; for serve-bastion, "
+    "console on a terminal and JSON otherwise (files, pipes, systemd).",
 )
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Lowest level of log lines to print.",
+    default=None,
+    help="Lowest level of log lines to print. Default: info for serve-bastion; warning for "
+    "client commands, whose progress is printed as plain lines.",
 )
 @click.pass_context
-def main(ctx: click.Context, log_format: LogFormat, log_level: str) -> None:
+def main(ctx: click.Context, log_format: LogFormat, log_level: str | None) -> None:
     """Route staging requests that carry X-Ephemwork: USER:SERVICE to this laptop."""
     from ephemwork.logs import configure_logging
 
     server = ctx.invoked_subcommand == "serve-bastion"
+    if log_level is None:
+        log_level = "info" if server else "warning"
     configure_logging(log_format, log_level, server=server)
 
 
@@ -232,6 +221,56 @@ async def status(config_path: Path | None, as_json: bool) -> None:
     default=None,
     help="Private host key of the embedded SSH server. Default: generated in --state-dir.",
 )
+@click.option(
+    "--cors-allow-origin",
+    "cors_allow_origins",
+    multiple=True,
+    metavar="PATTERN",
+    help="Origin whose CORS preflights for X-Ephemwork the bastion allows; glob patterns "
+    "such as https://*.staging.example.com. Repeatable. Default: none.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=click.FloatRange(min=0.1),
+    default=75.0,
+    show_default=True,
+    help="Seconds an idle keep-alive connection to the proxy stays open.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds to connect to a tunnel port.",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0.1),
+    default=75.0,
+    show_default=True,
+    help="Seconds of silence from a dev server before the request fails with 504.",
+)
+@click.option(
+    "--websocket-idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds a WebSocket may carry no frame in either direction before it is closed.",
+)
+@click.option(
+    "--max-connections-per-client",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Concurrent proxy connections one client address may hold.",
+)
 @run_async
 async def serve_bastion(
     listen: tuple[str, int],
@@ -244,8 +283,17 @@ async def serve_bastion(
     ssh_listen: tuple[str, int],
     authorized_keys: Path | None,
     host_key: Path | None,
+    cors_allow_origins: tuple[str, ...],
+    header_timeout: float,
+    keepalive_timeout: float,
+    connect_timeout: float,
+    read_timeout: float,
+    websocket_idle_timeout: float,
+    max_connections_per_client: int,
 ) -> None:
     """Run the bastion: header proxy, control API and session registry."""
+    from ephemwork.bastion.connections import ConnectionLimits
+    from ephemwork.bastion.proxy import ProxyTimeouts
     from ephemwork.bastion.server import BastionOptions, serve_bastion
     from ephemwork.home import ephemwork_home
 
@@ -264,5 +312,159 @@ async def serve_bastion(
         ssh_listen=ssh_listen if dev else None,
         authorized_keys=authorized_keys if dev else None,
         host_key=host_key,
+        proxy_timeouts=ProxyTimeouts(
+            connect=connect_timeout, read=read_timeout, websocket_idle=websocket_idle_timeout
+        ),
+        connection_limits=ConnectionLimits(
+            header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout,
+            max_per_client=max_connections_per_client,
+        ),
+        cors_allow_origins=cors_allow_origins,
     )
     await serve_bastion(options)
+
+
+@main.group()
+def bastion() -> None:
+    """Provision the EC2 bastion; every command prints its plan unless --live is given."""
+
+
+def _bastion_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every `bastion` command shares."""
+    options = [
+        config_option,
+        click.option("--live", is_flag=True, help="Make the AWS calls instead of printing them."),
+        click.option("--team", default=None, help="Team name in the tags. Default: tunnel.team."),
+        click.option("--region", default=None, help="AWS region. Default: tunnel.region."),
+        click.option("--profile", default=None, help="AWS profile. Default: tunnel.profile."),
+        click.option(
+            "--endpoint-url",
+            default=None,
+            help="Endpoint of every AWS service, such as a local test server. "
+            "Default: $EPHEMWORK_AWS_ENDPOINT_URL, then tunnel.endpoint_url.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _common(**values: Any) -> Any:
+    from ephemwork.aws.commands import CommonOptions
+
+    return CommonOptions(
+        config_path=values["config_path"],
+        team=values["team"],
+        region=values["region"],
+        profile=values["profile"],
+        endpoint_url=values["endpoint_url"],
+    )
+
+
+@bastion.command("init")
+@_bastion_options
+@click.option("--subnet-id", required=True, help="Private subnet of the bastion.")
+@click.option("--alb-security-group-id", required=True, help="Security group of the staging ALB.")
+@click.option(
+    "--bastion-binary-s3-uri",
+    required=True,
+    help="s3://BUCKET/KEY of ephemwork.pyz built with --target linux-aarch64.",
+)
+@click.option("--ami-id", default=None, help="arm64 AMI. Default: latest Amazon Linux 2023.")
+@click.option("--instance-type", default=None, help="Default: tunnel.instance_type (t4g.nano).")
+@run_async
+async def bastion_init(
+    live: bool,
+    subnet_id: str,
+    alb_security_group_id: str,
+    bastion_binary_s3_uri: str,
+    ami_id: str | None,
+    instance_type: str | None,
+    **common: Any,
+) -> None:
+    """Create the bastion's IAM role, security group and instance."""
+    from ephemwork.aws.commands import InitOptions, run_init
+
+    options = InitOptions(
+        subnet_id=subnet_id,
+        alb_security_group_id=alb_security_group_id,
+        binary_s3_uri=bastion_binary_s3_uri,
+        ami_id=ami_id,
+        instance_type=instance_type,
+    )
+    await run_init(_common(**common), options, live=live)
+
+
+@bastion.command("destroy")
+@_bastion_options
+@run_async
+async def bastion_destroy(live: bool, **common: Any) -> None:
+    """Terminate the bastion and delete its security group, instance profile and role."""
+    from ephemwork.aws.commands import run_destroy
+
+    await run_destroy(_common(**common), live=live)
+
+
+@bastion.command("status")
+@_bastion_options
+@run_async
+async def bastion_status(live: bool, **common: Any) -> None:
+    """Show the bastion's state, SSM ping status and serve-bastion health."""
+    from ephemwork.aws.commands import run_status
+
+    await run_status(_common(**common), live=live)
+
+
+@bastion.command("alb-rules")
+@_bastion_options
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["cdk-python", "cloudformation", "terraform"]),
+    default="terraform",
+    show_default=True,
+)
+@click.option("--alb-security-group-id", default="ALB_SECURITY_GROUP_ID")
+@click.option("--listener-arn", default="LISTENER_ARN", help="ARN of the staging ALB's listener.")
+@click.option("--priority", type=click.IntRange(1, 49999), default=10, show_default=True)
+@click.option("--vpc-id", default=None, help="Without --live: the bastion's VPC.")
+@click.option("--bastion-private-ip", default=None, help="Without --live: the bastion's IP.")
+@click.option("--bastion-security-group-id", default=None, help="Without --live: its group.")
+@run_async
+async def bastion_alb_rules(
+    live: bool,
+    output_format: str,
+    alb_security_group_id: str,
+    listener_arn: str,
+    priority: int,
+    vpc_id: str | None,
+    bastion_private_ip: str | None,
+    bastion_security_group_id: str | None,
+    **common: Any,
+) -> None:
+    """Print the ALB target group, rules and egress; --live fills in the bastion's values."""
+    from ephemwork.aws.commands import AlbOptions, run_alb_rules
+
+    options = AlbOptions(
+        output_format=output_format,
+        alb_security_group_id=alb_security_group_id,
+        listener_arn=listener_arn,
+        priority=priority,
+        vpc_id=vpc_id,
+        bastion_private_ip=bastion_private_ip,
+        bastion_security_group_id=bastion_security_group_id,
+    )
+    await run_alb_rules(_common(**common), options, live=live)
+
+
+@bastion.command("upload")
+@_bastion_options
+@click.argument("pyz", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("uri")
+@run_async
+async def bastion_upload(live: bool, pyz: Path, uri: str, **common: Any) -> None:
+    """Upload PYZ (built with --target linux-aarch64) to the S3 object URI."""
+    from ephemwork.aws.commands import run_upload
+
+    await run_upload(_common(**common), pyz, uri, live=live)

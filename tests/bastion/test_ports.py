@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
-from ephemwork.bastion.ports import PortAllocator, PortsExhaustedError, validate_port_range
+from ephemwork.bastion.ports import (
+    PortAllocator,
+    PortsExhaustedError,
+    has_no_listener,
+    validate_port_range,
+)
+
+
+@contextmanager
+def listener_below_free_port() -> Iterator[int]:
+    """Listen on a loopback port P whose neighbour P + 1 has no listener; yield P.
+
+    Other processes on the machine may listen next to a random port, so a few ports are tried.
+    """
+    for _ in range(20):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port: int = listener.getsockname()[1]
+            if port < 65535 and has_no_listener(port + 1):
+                yield port
+                return
+    raise AssertionError("no loopback port with a free neighbour in 20 tries")
 
 
 class TestValidatePortRange:
@@ -80,3 +106,29 @@ class TestPortAllocator:
     def test_exhausted_code(self) -> None:
         """The exhaustion error carries the control API code."""
         assert PortsExhaustedError.code == "ports_exhausted"
+
+
+class TestListenerCheck:
+    def test_listened_port_skipped(self) -> None:
+        """A port that something listens on is not handed out."""
+        with listener_below_free_port() as port:
+            allocator = PortAllocator((port, port + 1), is_free=has_no_listener)
+            assert allocator.allocate(preferred=port) == port + 1
+
+    def test_busy_preferred_counted_once(self) -> None:
+        """A busy preferred port counts once among the other listeners."""
+        with listener_below_free_port() as port:
+            allocator = PortAllocator((port, port), is_free=has_no_listener)
+            with pytest.raises(PortsExhaustedError) as caught:
+                allocator.allocate(preferred=port)
+        assert "1 more held by other listeners" in str(caught.value)
+
+    def test_exhausted_by_listeners(self) -> None:
+        """Exhaustion counts active sessions and other listeners, and names --port-range."""
+        allocator = PortAllocator((20000, 20001), is_free=lambda port: port != 20001)
+        allocator.allocate()
+        with pytest.raises(PortsExhaustedError) as caught:
+            allocator.allocate()
+        assert "1 active sessions" in str(caught.value)
+        assert "1 more held by other listeners" in str(caught.value)
+        assert "--port-range" in str(caught.value)

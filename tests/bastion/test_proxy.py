@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from ephemwork.bastion.proxy import ProxyTimeouts, create_proxy_app
+from ephemwork.bastion.proxy import ProxyTimeouts, create_proxy_app, upgrade_response_headers
 from ephemwork.bastion.registry import SessionRegistry
 from ephemwork.wire import Session
 
@@ -125,9 +125,12 @@ class TestOwnAnswers:
 
     async def test_unknown_route(self, proxy: Proxy) -> None:
         """An unregistered route gets 404 naming the value."""
-        status, body, _ = await proxy.get(route="alice:api")
+        status, body, response = await proxy.get(route="alice:api")
+        request_id = response.headers["X-Request-Id"]
         assert status == 404
-        assert body == b"no laptop is registered for 'alice:api'\n"
+        assert (
+            body == f"no laptop is registered for 'alice:api' (request id {request_id})\n".encode()
+        )
 
     async def test_unknown_user_matches_unknown_service(
         self, proxy: Proxy, make_backend: BackendFactory
@@ -136,10 +139,13 @@ class TestOwnAnswers:
         proxy.route("alice", "api", await make_backend(echo_app()))
         _, unknown_service, first = await proxy.get(route="alice:web")
         _, unknown_user, second = await proxy.get(route="carol:api")
-        assert unknown_service.replace(b"alice:web", b"X") == unknown_user.replace(
-            b"carol:api", b"X"
-        )
+        first_id = first.headers["X-Request-Id"].encode()
+        second_id = second.headers["X-Request-Id"].encode()
+        assert unknown_service.replace(b"alice:web", b"X").replace(
+            first_id, b"ID"
+        ) == unknown_user.replace(b"carol:api", b"X").replace(second_id, b"ID")
         assert first.headers["Content-Type"] == second.headers["Content-Type"]
+        assert sorted(first.headers) == sorted(second.headers)
 
     async def test_malformed(self, proxy: Proxy) -> None:
         """A malformed value gets 400 with the reason."""
@@ -424,3 +430,27 @@ class TestForwarding:
         proxy.route("alice", "api", await make_backend(app))
         with pytest.raises(aiohttp.ClientPayloadError):
             await proxy.get()
+
+
+class TestUpgradeResponseHeaders:
+    def test_end_to_end_kept(self) -> None:
+        """Set-Cookie (repeated) and custom headers of a 101 are kept in order."""
+        headers = CIMultiDict([("Set-Cookie", "a=1"), ("X-Dev", "vite"), ("Set-Cookie", "b=2")])
+        kept = list(upgrade_response_headers(CIMultiDictProxy(headers)))
+        assert kept == [("Set-Cookie", "a=1"), ("X-Dev", "vite"), ("Set-Cookie", "b=2")]
+
+    def test_handshake_dropped(self) -> None:
+        """Hop-by-hop, Sec-WebSocket-* and body headers of a 101 are left out."""
+        headers = CIMultiDict(
+            [
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade, X-Hop"),
+                ("X-Hop", "1"),
+                ("Sec-WebSocket-Accept", "abc"),
+                ("Sec-WebSocket-Extensions", "permessage-deflate"),
+                ("sec-websocket-protocol", "vite-hmr"),
+                ("Content-Length", "0"),
+                ("Content-Type", "text/plain"),
+            ]
+        )
+        assert list(upgrade_response_headers(CIMultiDictProxy(headers))) == []

@@ -1,6 +1,13 @@
-"""Allocation of tunnel ports from the configured range, with no I/O."""
+"""Allocation of tunnel ports from the configured range.
+
+The allocator itself does no I/O; it asks a predicate whether a port is free, and the
+bastion passes `has_no_listener`, which tries to bind the port on loopback.
+"""
 
 from __future__ import annotations
+
+import socket
+from collections.abc import Callable
 
 from ephemwork.errors import OperationError
 
@@ -27,6 +34,22 @@ def validate_port_range(port_range: tuple[int, int]) -> tuple[int, int]:
     return port_range
 
 
+def has_no_listener(port: int) -> bool:
+    """Return whether *port* can be bound on 127.0.0.1, so nothing listens on it.
+
+    SO_REUSEADDR lets the bind succeed over connections in TIME_WAIT, which hold no
+    listener, while a listening socket on the port (or on the wildcard address) still
+    makes it fail on Linux.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class PortAllocator:
     """The ports of an inclusive range that live sessions hold.
 
@@ -37,10 +60,16 @@ class PortAllocator:
     low: int
     high: int
     _in_use: set[int]
+    _is_free: Callable[[int], bool]
 
-    def __init__(self, port_range: tuple[int, int]) -> None:
+    def __init__(
+        self, port_range: tuple[int, int], *, is_free: Callable[[int], bool] = lambda _: True
+    ) -> None:
         self.low, self.high = validate_port_range(port_range)
         self._in_use = set()
+        # A port that no session holds can still be listened on, for example by the
+        # forward of a session that was reaped while its SSH connection stayed open.
+        self._is_free = is_free
 
     @property
     def capacity(self) -> int:
@@ -61,20 +90,28 @@ class PortAllocator:
 
         Raises `PortsExhaustedError` when every port of the range is held.
         """
-        if preferred is not None and self.contains(preferred) and preferred not in self._in_use:
-            self._in_use.add(preferred)
-            return preferred
+        candidates = list(range(self.low, self.high + 1))
+        if preferred is not None and self.contains(preferred):
+            # Moved to the front rather than repeated, so a busy one is counted once.
+            candidates.remove(preferred)
+            candidates.insert(0, preferred)
 
-        for port in range(self.low, self.high + 1):
-            if port not in self._in_use:
-                self._in_use.add(port)
-                return port
+        busy = 0
+        for port in candidates:
+            if port in self._in_use:
+                continue
+            if not self._is_free(port):
+                busy += 1
+                continue
+            self._in_use.add(port)
+            return port
 
         active = len(self._in_use)
+        others = f", and {busy} more held by other listeners (old SSH forwards)" if busy else ""
         raise PortsExhaustedError(
-            f"All {self.capacity} tunnel ports ({self.low}-{self.high}) are in use by "
-            f"{active} active sessions. Stop unused sessions with `ephemwork down`, or start "
-            "the bastion with a wider --port-range."
+            f"All {self.capacity} tunnel ports ({self.low}-{self.high}) are busy: "
+            f"{active} held by {active} active sessions{others}. Stop unused sessions with "
+            "`ephemwork down`, or start the bastion with a wider --port-range."
         )
 
     def reserve(self, port: int) -> None:

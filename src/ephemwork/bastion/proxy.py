@@ -1,22 +1,32 @@
 """The routing proxy: ``X-Ephemwork: <user>:<service>`` selects a tunnel port on loopback.
 
-Each request is looked up in the in-memory registry and streamed to
+Each request is checked, its route selected (header, then ``baggage``, then cookie; see
+`ephemwork.bastion.routing`), looked up in the in-memory registry and streamed to
 ``http://127.0.0.1:<port>``, the bastion end of the laptop's reverse SSH forward. Bodies
 are relayed chunk by chunk in both directions with no buffering of a whole body, and
 ``await response.write`` waits for the client to drain before the next chunk is read.
+A GET with ``Upgrade: websocket`` is relayed frame by frame (`ephemwork.bastion.websocket`),
+and the caller's 101 carries the end-to-end headers of the dev server's 101, such as
+Set-Cookie.
 
-Responses that the proxy generates itself are plain text:
+Answers that the proxy generates itself (`ephemwork.bastion.error_responses`) carry a request id:
 
 - ``GET /ephemwork-health``: 200 ``ok`` for the load balancer's health check;
-- a malformed header: 400 with the reason;
-- no header, or a route no laptop registered: 404 naming the value;
-- a registered route whose tunnel port refuses or drops the connection: 502;
+- a CORS preflight that lists ``x-ephemwork``: 204 with CORS headers for an allowed
+  origin, 403 without them for any other;
+- ``?ephemwork=<user>:<service>``: 307 to the same URL without it, setting the route cookie;
+- a method outside the standard and registered ones: 405;
+- ambiguous framing, a malformed route, an upgrade other than WebSocket: 400;
+- no route, or a route no laptop registered: 404 naming the value;
+- a registered route whose tunnel port refuses or drops the connection, or that answers
+  with a malformed response: 502;
 - a tunnel that does not respond within the connect or read timeout: 504.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextvars import ContextVar
 from typing import Protocol
 
 import aiohttp
@@ -26,7 +36,29 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ephemwork.bastion.routing import InvalidRouteError, route_from_header_values
+from ephemwork.bastion.cookies import route_cookie, split_route_parameter
+from ephemwork.bastion.cors import (
+    OriginAllowlist,
+    actual_response_headers,
+    is_route_preflight,
+    preflight_headers,
+)
+from ephemwork.bastion.error_responses import REQUEST_ID_HEADER, error_response, request_id_of
+from ephemwork.bastion.routing import (
+    InvalidRouteError,
+    SelectedRoute,
+    parse_route_value,
+    select_route,
+)
+from ephemwork.bastion.validation import (
+    ALLOW_HEADER_VALUE,
+    ALLOWED_METHODS,
+    FramingError,
+    check_request_framing,
+    invalid_header_bytes,
+    upgrade_protocols,
+)
+from ephemwork.bastion.websocket import MAX_MESSAGE_SIZE, relay_websocket
 from ephemwork.wire import ROUTE_HEADER, RouteKey, Session
 
 HEALTH_PATH = "/ephemwork-health"
@@ -52,7 +84,29 @@ HOP_BY_HOP_HEADERS = frozenset(
 # must not wait for a second interim response.
 _DROPPED_REQUEST_HEADERS = frozenset({"host", "expect"})
 
+# aiohttp's WebSocket client writes its own handshake headers.
+_WEBSOCKET_HANDSHAKE_HEADERS = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept",
+)
+
+# Headers of the dev server's 101 response that describe only its connection to the
+# bastion. The bastion completes the caller's handshake itself, with its own accept key and
+# the extensions it negotiated with the caller.
+_UPGRADE_OWN_HEADERS = frozenset({"content-length", "content-type"})
+_UPGRADE_OWN_PREFIX = "sec-websocket-"
+
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+
+# The 101 responses received by the WebSocket handshake that runs in the current task.
+# aiohttp's ClientWebSocketResponse does not expose the handshake response, but the
+# client's request-end trace hook runs in the task that called ws_connect.
+_upgrade_responses: ContextVar[list[aiohttp.ClientResponse] | None] = ContextVar(
+    "upgrade_responses", default=None
+)
 
 logger = structlog.get_logger()
 
@@ -78,18 +132,24 @@ class ProxyTimeouts:
     # below the 5 s keep-alive of common dev servers (uvicorn), so a reused connection
     # is rarely one the dev server is closing.
     keepalive: float = 4.0
+    # Seconds an upgraded WebSocket connection may carry no frame in either direction.
+    # Longer than the ALB's 60 s idle timeout; Vite's client pings every 30 s.
+    websocket_idle: float = 300.0
 
 
 CLIENT_SESSION_KEY = web.AppKey("proxy_client_session", aiohttp.ClientSession)
 
 
 def create_proxy_app(
-    routes: RouteTable, *, timeouts: ProxyTimeouts = ProxyTimeouts()
+    routes: RouteTable,
+    *,
+    timeouts: ProxyTimeouts = ProxyTimeouts(),
+    cors: OriginAllowlist = OriginAllowlist(),
 ) -> web.Application:
     """Build the proxy application; one shared client session is opened on startup."""
     app = web.Application()
     app.cleanup_ctx.append(_client_session_context(timeouts))
-    app.router.add_route("*", "/{tail:.*}", _ProxyHandler(routes, timeouts).handle)
+    app.router.add_route("*", "/{tail:.*}", _ProxyHandler(routes, timeouts, cors).handle)
     return app
 
 
@@ -144,6 +204,30 @@ def relayed_response_headers(headers: CIMultiDictProxy[str]) -> Iterable[tuple[s
             yield name, value
 
 
+def upgrade_response_headers(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
+    """Yield the headers of the dev server's 101 response that the caller's 101 carries too.
+
+    They are the end-to-end ones, such as Set-Cookie. Hop-by-hop headers, Content-Length,
+    Content-Type and every ``Sec-WebSocket-*`` header are left out, because they describe the
+    handshake between the bastion and the dev server.
+    """
+    for name, value in relayed_response_headers(headers):
+        lower = name.lower()
+        if lower in _UPGRADE_OWN_HEADERS or lower.startswith(_UPGRADE_OWN_PREFIX):
+            continue
+        yield name, value
+
+
+async def _record_upgrade_response(
+    session: aiohttp.ClientSession,
+    context: object,
+    params: aiohttp.TraceRequestEndParams,
+) -> None:
+    sink = _upgrade_responses.get()
+    if sink is not None and params.response.status == 101:
+        sink.append(params.response)
+
+
 def _client_session_context(
     timeouts: ProxyTimeouts,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -154,8 +238,11 @@ def _client_session_context(
             limit=0,
             keepalive_timeout=timeouts.keepalive,
         )
+        tracing = aiohttp.TraceConfig()
+        tracing.on_request_end.append(_record_upgrade_response)
         session = aiohttp.ClientSession(
             connector=connector,
+            trace_configs=[tracing],
             # Bodies are relayed as the dev server encoded them.
             auto_decompress=False,
             # A shared jar would hand one developer's cookies to another's requests.
@@ -181,49 +268,124 @@ class _ProxyHandler:
 
     _routes: RouteTable
     _timeouts: ProxyTimeouts
+    _cors: OriginAllowlist
 
-    def __init__(self, routes: RouteTable, timeouts: ProxyTimeouts) -> None:
+    def __init__(self, routes: RouteTable, timeouts: ProxyTimeouts, cors: OriginAllowlist) -> None:
         self._routes = routes
         self._timeouts = timeouts
+        self._cors = cors
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ALLOWED_METHODS:
+            return error_response(
+                request,
+                405,
+                "method_not_allowed",
+                f"method {request.method!r} is not passed on; use a standard HTTP method "
+                "or a registered extension such as WebDAV's",
+                headers={"Allow": ALLOW_HEADER_VALUE},
+            )
+
+        try:
+            check_request_framing(request.headers, (request.version.major, request.version.minor))
+        except FramingError as exc:
+            return error_response(request, 400, "ambiguous_framing", str(exc))
+
         if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
             return _text_response(200, "ok")
 
-        try:
-            route = route_from_header_values(request.headers.getall(ROUTE_HEADER, []))
-        except InvalidRouteError as exc:
-            logger.debug("proxy.invalid_route", error=str(exc), remote=request.remote)
-            return _text_response(400, f"{exc}\n")
+        if is_route_preflight(request.method, request.headers):
+            return self._answer_preflight(request)
 
-        if route is None:
-            return _text_response(
+        route_parameters, other_parameters = split_route_parameter(request.rel_url.raw_query_string)
+        if route_parameters:
+            return _set_route_cookie(request, route_parameters, other_parameters)
+
+        try:
+            selected = select_route(request.headers)
+        except InvalidRouteError as exc:
+            return error_response(request, 400, "invalid_route", str(exc))
+
+        if selected is None:
+            return error_response(
+                request,
                 404,
+                "missing_route",
                 f"missing {ROUTE_HEADER} header: this endpoint routes requests by "
-                f"{ROUTE_HEADER}: <user>:<service>\n",
+                f"{ROUTE_HEADER}: <user>:<service>, a baggage member ephemwork=<user>:<service> "
+                "or the ephemwork cookie",
             )
 
-        session = self._routes.lookup(route)
+        upgrades = upgrade_protocols(request.headers)
+        websocket = upgrades == ["websocket"] and request.method == "GET"
+        if upgrades and not websocket:
+            return error_response(
+                request,
+                400,
+                "upgrade_refused",
+                f"Upgrade {', '.join(upgrades)!r} is not supported; only a GET with "
+                "'Upgrade: websocket' is passed on",
+            )
+
+        session = self._routes.lookup(selected.route)
         if session is None:
-            logger.debug("proxy.unknown_route", route=str(route), remote=request.remote)
-            return _text_response(404, f"no laptop is registered for {str(route)!r}\n")
+            # The answer must not reveal whether the user has other routes, so it depends
+            # only on the requested value.
+            return error_response(
+                request,
+                404,
+                "unknown_route",
+                f"no laptop is registered for {str(selected.route)!r}",
+            )
 
-        return await self._forward(request, session)
-
-    async def _forward(self, request: web.Request, session: Session) -> web.StreamResponse:
-        route = str(session.route)
-        client = request.app[CLIENT_SESSION_KEY]
-        url = URL.build(
-            scheme="http",
-            host=TUNNEL_HOST,
-            port=session.port,
-            path=request.rel_url.raw_path,
-            query_string=request.rel_url.raw_query_string,
-            encoded=True,
+        structlog.contextvars.bind_contextvars(
+            route=str(session.route), port=session.port, route_source=selected.source
         )
+        if websocket:
+            return await self._forward_websocket(request, session, selected)
+        return await self._forward(request, session, selected)
+
+    def _answer_preflight(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin", "")
+        if not self._cors.allows(origin):
+            # Without CORS headers the browser blocks the request that would follow.
+            return error_response(
+                request,
+                403,
+                "origin_not_allowed",
+                f"origin {origin!r} may not send {ROUTE_HEADER}; start the bastion with "
+                "--cors-allow-origin for it",
+            )
+
+        logger.info(
+            "proxy.preflight_answered",
+            origin=origin,
+            method=request.headers["Access-Control-Request-Method"],
+            path=request.path,
+        )
+        return web.Response(status=204, headers=preflight_headers(request.headers))
+
+    def _upstream_headers(self, request: web.Request, selected: SelectedRoute) -> CIMultiDict[str]:
         headers = forwarded_request_headers(
             request.headers, remote=request.remote, scheme=request.scheme, host=request.host
         )
+        # A route chosen by baggage or cookie is passed on as the header too, so the service
+        # forwards it whichever way the caller named it.
+        headers.setdefault(ROUTE_HEADER, selected.route.header_value)
+        return headers
+
+    async def _forward(
+        self, request: web.Request, session: Session, selected: SelectedRoute
+    ) -> web.StreamResponse:
+        route = str(session.route)
+        client = request.app[CLIENT_SESSION_KEY]
+        url = _tunnel_url(request, session.port)
+        headers = self._upstream_headers(request, selected)
 
         try:
             upstream = await client.request(
@@ -235,16 +397,28 @@ class _ProxyHandler:
             )
         except aiohttp.ClientConnectorError as exc:
             return _tunnel_down(
+                request,
                 route,
                 session.port,
                 exc,
                 f"is not connected: nothing listens on bastion port {session.port}. "
                 "Check that `ephemwork up` is still running on the laptop",
             )
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser rejected the dev server's status line or headers.
+            return _tunnel_down(
+                request,
+                route,
+                session.port,
+                exc,
+                f"sent a malformed response ({exc.message.splitlines()[0] if exc.message else ''})"
+                ". Check the dev server's response headers",
+            )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             # The SSH server accepts on the tunnel port and then closes the socket when the
             # laptop cannot reach its dev server, so this usually means the dev server is down.
             return _tunnel_down(
+                request,
                 route,
                 session.port,
                 exc,
@@ -252,17 +426,33 @@ class _ProxyHandler:
                 "Check that the dev server on the laptop is running",
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            logger.warning("proxy.tunnel_timeout", route=route, port=session.port, error=repr(exc))
-            return _text_response(
+            logger.warning("proxy.tunnel_timeout", error=repr(exc))
+            return error_response(
+                request,
                 504,
+                "tunnel_timeout",
                 f"the laptop's tunnel for {route!r} timed out (connect timeout "
-                f"{self._timeouts.connect} s, read timeout {self._timeouts.read} s)\n",
+                f"{self._timeouts.connect} s, read timeout {self._timeouts.read} s)",
             )
 
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            bad_header = invalid_header_bytes(upstream.raw_headers)
+            if bad_header is not None:
+                return _tunnel_down(
+                    request,
+                    route,
+                    session.port,
+                    ValueError(f"control byte in header {bad_header!r}"),
+                    f"sent a response header {bad_header.decode('latin-1')!r} with a control "
+                    "character. Check the dev server's response headers",
+                )
+
+            # The reason phrase comes from the status code: the dev server's own phrase is
+            # not passed on, so it cannot carry text a client would misread.
+            response = web.StreamResponse(status=upstream.status)
             for name, value in relayed_response_headers(upstream.headers):
                 response.headers.add(name, value)
+            self._add_actual_cors_headers(request, response)
 
             try:
                 await response.prepare(request)
@@ -272,33 +462,175 @@ class _ProxyHandler:
             except ConnectionResetError:
                 # The caller went away; ConnectionResetError also covers aiohttp's
                 # ClientConnectionResetError for writes to a closed transport.
-                logger.debug("proxy.client_disconnected", route=route, port=session.port)
+                logger.debug("proxy.client_disconnected")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The status line is already sent, so the only honest signal left is to
                 # close the connection before the body's end.
-                logger.warning(
-                    "proxy.tunnel_failed_mid_body",
-                    route=route,
-                    port=session.port,
-                    error=repr(exc),
-                )
+                logger.warning("proxy.tunnel_failed_mid_body", error=repr(exc))
                 if request.transport is not None:
                     request.transport.abort()
 
         logger.info(
             "proxy.request_forwarded",
-            route=route,
-            port=session.port,
             method=request.method,
             path=request.path,
             status=upstream.status,
         )
         return response
 
+    def _add_actual_cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin is None or not self._cors.allows(origin):
+            return
+        if "Access-Control-Allow-Origin" not in response.headers:
+            response.headers.extend(actual_response_headers(origin))
+        response.headers.add("Vary", "Origin")
 
-def _tunnel_down(route: str, port: int, exc: Exception, problem: str) -> web.Response:
-    logger.warning("proxy.tunnel_unavailable", route=route, port=port, error=repr(exc))
-    return _text_response(502, f"the laptop's tunnel for {route!r} {problem}\n")
+    async def _forward_websocket(
+        self, request: web.Request, session: Session, selected: SelectedRoute
+    ) -> web.StreamResponse:
+        route = str(session.route)
+        client = request.app[CLIENT_SESSION_KEY]
+        headers = self._upstream_headers(request, selected)
+        for name in _WEBSOCKET_HANDSHAKE_HEADERS:
+            headers.popall(name, None)
+        protocols = [
+            token.strip()
+            for value in request.headers.getall("Sec-WebSocket-Protocol", [])
+            for token in value.split(",")
+            if token.strip()
+        ]
+
+        handshake: list[aiohttp.ClientResponse] = []
+        recording = _upgrade_responses.set(handshake)
+        try:
+            upstream = await client.ws_connect(
+                _tunnel_url(request, session.port),
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                autoclose=False,
+                max_msg_size=MAX_MESSAGE_SIZE,
+                timeout=aiohttp.ClientWSTimeout(ws_close=self._timeouts.connect),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            # The dev server did not switch protocols, so the caller's connection stays HTTP.
+            status = exc.status if 400 <= exc.status < 500 else 502
+            logger.info("proxy.websocket_refused", upstream_status=exc.status)
+            return error_response(
+                request,
+                status,
+                "websocket_refused",
+                f"the dev server for {route!r} answered the WebSocket upgrade with "
+                f"{exc.status} instead of 101",
+            )
+        except aiohttp.ClientConnectorError as exc:
+            return _tunnel_down(
+                request,
+                route,
+                session.port,
+                exc,
+                f"is not connected: nothing listens on bastion port {session.port}. "
+                "Check that `ephemwork up` is still running on the laptop",
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _tunnel_down(
+                request,
+                route,
+                session.port,
+                exc,
+                "failed during the WebSocket upgrade. Check that the dev server is running",
+            )
+        finally:
+            _upgrade_responses.reset(recording)
+
+        caller = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoping=False,
+            autoclose=False,
+            max_msg_size=MAX_MESSAGE_SIZE,
+        )
+        if handshake:
+            bad_header = invalid_header_bytes(handshake[0].raw_headers)
+            if bad_header is not None:
+                await upstream.close()
+                return _tunnel_down(
+                    request,
+                    route,
+                    session.port,
+                    ValueError(f"control byte in header {bad_header!r}"),
+                    f"sent a 101 header {bad_header.decode('latin-1')!r} with a control "
+                    "character. Check the dev server's response headers",
+                )
+            for name, value in upgrade_response_headers(handshake[0].headers):
+                caller.headers.add(name, value)
+        self._add_actual_cors_headers(request, caller)
+        try:
+            await caller.prepare(request)
+            logger.info("proxy.websocket_opened", path=request.path)
+            outcome = await relay_websocket(
+                caller,
+                upstream,
+                idle_timeout=self._timeouts.websocket_idle,
+                log_fields={"route": route},
+            )
+        finally:
+            if not upstream.closed:
+                await upstream.close()
+
+        logger.info(
+            "proxy.websocket_closed",
+            closed_by=outcome.closed_by,
+            close_code=outcome.close_code,
+            messages_up=outcome.messages_up,
+            messages_down=outcome.messages_down,
+        )
+        return caller
+
+
+def _tunnel_url(request: web.Request, port: int) -> URL:
+    return URL.build(
+        scheme="http",
+        host=TUNNEL_HOST,
+        port=port,
+        path=request.rel_url.raw_path,
+        query_string=request.rel_url.raw_query_string,
+        encoded=True,
+    )
+
+
+def _set_route_cookie(
+    request: web.Request, values: list[str], other_parameters: str
+) -> web.Response:
+    value = values[-1].strip()
+    if value:
+        try:
+            value = str(parse_route_value(value, source="?ephemwork="))
+        except InvalidRouteError as exc:
+            return error_response(request, 400, "invalid_route", str(exc))
+
+    location = request.rel_url.raw_path + (f"?{other_parameters}" if other_parameters else "")
+    secure = request.headers.get("X-Forwarded-Proto", request.scheme).lower() == "https"
+    logger.info("proxy.route_cookie_set", cookie_route=value or None, path=request.path)
+    # 307 repeats the request with its method and body, now carrying the cookie.
+    return web.Response(
+        status=307,
+        headers={
+            "Location": location,
+            "Set-Cookie": route_cookie(value, secure=secure),
+            "Cache-Control": "no-store",
+            REQUEST_ID_HEADER: request_id_of(request),
+        },
+    )
+
+
+def _tunnel_down(
+    request: web.Request, route: str, port: int, exc: Exception, problem: str
+) -> web.Response:
+    logger.warning("proxy.tunnel_unavailable", error=repr(exc))
+    return error_response(
+        request, 502, "tunnel_unavailable", f"the laptop's tunnel for {route!r} {problem}"
+    )
 
 
 def _text_response(status: int, text: str) -> web.Response:

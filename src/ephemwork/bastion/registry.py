@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from types import TracebackType
 import attrs
 import structlog
 
-from ephemwork.bastion.ports import PortAllocator, PortsExhaustedError
+from ephemwork.bastion.ports import PortAllocator, PortsExhaustedError, has_no_listener
 from ephemwork.errors import EphemworkError, OperationError, UsageError
 from ephemwork.identity import NAME_RULE, is_valid_name
 from ephemwork.wire import RegisterRequest, RouteKey, Session
@@ -111,13 +111,20 @@ class SessionRegistry:
     _by_id: dict[str, Session]
     _by_route: dict[RouteKey, Session]
 
-    def __init__(self, path: Path, *, port_range: tuple[int, int], lease_ttl: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        port_range: tuple[int, int],
+        lease_ttl: float,
+        port_is_free: Callable[[int], bool] = has_no_listener,
+    ) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be positive, got {lease_ttl!r}")
 
         self.path = path
         self.lease_ttl = lease_ttl
-        self._ports = PortAllocator(port_range)
+        self._ports = PortAllocator(port_range, is_free=port_is_free)
         self._by_id = {}
         self._by_route = {}
 
@@ -139,7 +146,12 @@ class SessionRegistry:
 
     @classmethod
     def open(
-        cls, state_dir: Path, *, port_range: tuple[int, int], lease_ttl: float
+        cls,
+        state_dir: Path,
+        *,
+        port_range: tuple[int, int],
+        lease_ttl: float,
+        port_is_free: Callable[[int], bool] = has_no_listener,
     ) -> SessionRegistry:
         """Open (creating if needed) the registry file inside *state_dir*."""
         try:
@@ -148,7 +160,12 @@ class SessionRegistry:
             raise RegistryStorageError(
                 f"Cannot create the state folder {str(state_dir)!r}: {exc}."
             ) from exc
-        return cls(state_dir / REGISTRY_FILE_NAME, port_range=port_range, lease_ttl=lease_ttl)
+        return cls(
+            state_dir / REGISTRY_FILE_NAME,
+            port_range=port_range,
+            lease_ttl=lease_ttl,
+            port_is_free=port_is_free,
+        )
 
     @property
     def port_range(self) -> tuple[int, int]:

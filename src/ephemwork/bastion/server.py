@@ -19,7 +19,9 @@ import attrs
 import structlog
 from aiohttp import web
 
+from ephemwork.bastion.connections import ConnectionLimits, guarded_protocol_factory
 from ephemwork.bastion.control import create_control_app
+from ephemwork.bastion.cors import OriginAllowlist
 from ephemwork.bastion.ports import validate_port_range
 from ephemwork.bastion.proxy import ProxyTimeouts, create_proxy_app
 from ephemwork.bastion.registry import RegistryStorageError, SessionRegistry
@@ -33,10 +35,6 @@ from ephemwork.errors import UsageError
 
 # Seconds between two passes of the lease reaper.
 REAP_INTERVAL = 5.0
-
-# Longer than the ALB's default 60 s idle timeout, so the ALB, not the bastion, closes idle
-# keep-alive connections and never sends a request on one the bastion just closed.
-PROXY_KEEPALIVE_TIMEOUT = 75.0
 
 # Seconds that shutdown waits for requests in flight (long polls and event streams would
 # otherwise hold it for aiohttp's default of 60 s).
@@ -70,6 +68,9 @@ class BastionOptions:
     # None: the embedded SSH server accepts any user name.
     ssh_username: str | None = None
     proxy_timeouts: ProxyTimeouts = attrs.field(factory=ProxyTimeouts)
+    connection_limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    # Origin patterns whose CORS preflights for the route header are allowed.
+    cors_allow_origins: tuple[str, ...] = ()
     reap_interval: float = REAP_INTERVAL
 
 
@@ -104,6 +105,27 @@ def validate_options(options: BastionOptions) -> None:
                 "move one of them."
             )
 
+    limits = options.connection_limits
+    timeouts = options.proxy_timeouts
+    for name, seconds in (
+        ("--header-timeout", limits.header_timeout),
+        ("--keepalive-timeout", limits.keepalive_timeout),
+        ("--connect-timeout", timeouts.connect),
+        ("--websocket-idle-timeout", timeouts.websocket_idle),
+    ):
+        if seconds <= 0:
+            raise BastionOptionsError(f"{name} must be positive seconds, got {seconds!r}.")
+    if limits.max_per_client < 1:
+        raise BastionOptionsError(
+            f"--max-connections-per-client must be at least 1, got {limits.max_per_client!r}."
+        )
+    for pattern in options.cors_allow_origins:
+        if "://" not in pattern:
+            raise BastionOptionsError(
+                f"--cors-allow-origin {pattern!r} is not an origin pattern; use "
+                "scheme://host[:port], for example https://*.staging.example.com."
+            )
+
     if options.lease_ttl <= 0:
         raise BastionOptionsError(f"lease_ttl must be positive seconds, got {options.lease_ttl!r}.")
     if options.reap_interval <= 0:
@@ -130,6 +152,7 @@ class BastionServer:
     registry: SessionRegistry | None
     _clock: Callable[[], float]
     _proxy_runner: web.AppRunner | None
+    _proxy_listener: asyncio.Server | None
     _control_runner: web.AppRunner | None
     _ssh_server: EmbeddedSSHServer | None
     _reaper: asyncio.Task[None] | None
@@ -140,6 +163,7 @@ class BastionServer:
         self.registry = None
         self._clock = clock
         self._proxy_runner = None
+        self._proxy_listener = None
         self._control_runner = None
         self._ssh_server = None
         self._reaper = None
@@ -162,14 +186,33 @@ class BastionServer:
         )
 
         self._proxy_runner = web.AppRunner(
-            create_proxy_app(self.registry, timeouts=options.proxy_timeouts),
+            create_proxy_app(
+                self.registry,
+                timeouts=options.proxy_timeouts,
+                cors=OriginAllowlist(options.cors_allow_origins),
+            ),
             access_log=None,
             # A caller that disconnects cancels its request, which closes the tunnel side.
             handler_cancellation=True,
-            keepalive_timeout=PROXY_KEEPALIVE_TIMEOUT,
+            keepalive_timeout=options.connection_limits.keepalive_timeout,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
-        await _start_site(self._proxy_runner, options.listen, "listen")
+        await self._proxy_runner.setup()
+        assert self._proxy_runner.server is not None
+        # The proxy's socket is opened here rather than by a TCPSite, so that each
+        # connection goes through the guard that enforces the slow-client limits.
+        try:
+            self._proxy_listener = await asyncio.get_running_loop().create_server(
+                guarded_protocol_factory(self._proxy_runner.server, options.connection_limits),
+                options.listen[0],
+                options.listen[1],
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise BastionOptionsError(
+                f"Cannot listen on listen {_format(options.listen)}: {exc}. Pick a free "
+                "port, or stop the process that holds it."
+            ) from exc
 
         self._control_runner = web.AppRunner(
             create_control_app(self.registry, clock=self._clock),
@@ -204,7 +247,10 @@ class BastionServer:
     @property
     def proxy_address(self) -> tuple[str, int]:
         """The address the proxy listens on, with the actual port."""
-        return _bound_address(self._proxy_runner)
+        if self._proxy_listener is None or not self._proxy_listener.sockets:
+            raise RuntimeError("The bastion is not started: call start() first.")
+        host, port = self._proxy_listener.sockets[0].getsockname()[:2]
+        return (host, port)
 
     @property
     def control_address(self) -> tuple[str, int]:
@@ -228,6 +274,8 @@ class BastionServer:
     def close(self) -> None:
         """Stop the reaper and the SSH server; `wait_closed` finishes the shutdown."""
         self._closing = True
+        if self._proxy_listener is not None:
+            self._proxy_listener.close()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._ssh_server is not None:
@@ -249,6 +297,9 @@ class BastionServer:
             if runner is not None:
                 await runner.cleanup()
         self._proxy_runner = self._control_runner = None
+        if self._proxy_listener is not None:
+            await self._proxy_listener.wait_closed()
+            self._proxy_listener = None
 
         if self._ssh_server is not None:
             await self._ssh_server.wait_closed()

@@ -1,0 +1,120 @@
+"""Checks of what enters and leaves the proxy: methods, request framing, response headers.
+
+Everything here is a plain function with no I/O. aiohttp's parser (llhttp) already rejects
+most malformed framing, such as Content-Length with Transfer-Encoding or two different
+Content-Length values; these checks repeat the ones that decide whether a request could be
+read differently by the dev server, so a parser change cannot reopen them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDictProxy
+
+# The methods of RFC 9110 and PATCH (RFC 5789), without CONNECT, which would turn the proxy
+# into a TCP relay, and TRACE, which echoes credentials back to scripts.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+# Methods from the IANA HTTP Method Registry that WebDAV, CalDAV and versioning use.
+REGISTERED_EXTENSION_METHODS = frozenset(
+    {
+        "ACL",
+        "BASELINE-CONTROL",
+        "BIND",
+        "CHECKIN",
+        "CHECKOUT",
+        "COPY",
+        "LABEL",
+        "LINK",
+        "LOCK",
+        "MERGE",
+        "MKACTIVITY",
+        "MKCALENDAR",
+        "MKCOL",
+        "MKREDIRECTREF",
+        "MKWORKSPACE",
+        "MOVE",
+        "ORDERPATCH",
+        "PROPFIND",
+        "PROPPATCH",
+        "QUERY",
+        "REBIND",
+        "REPORT",
+        "SEARCH",
+        "UNBIND",
+        "UNCHECKOUT",
+        "UNLINK",
+        "UNLOCK",
+        "UPDATE",
+        "UPDATEREDIRECTREF",
+        "VERSION-CONTROL",
+    }
+)
+
+ALLOWED_METHODS = STANDARD_METHODS | REGISTERED_EXTENSION_METHODS
+
+# The value of the Allow header on a 405 answer.
+ALLOW_HEADER_VALUE = ", ".join(sorted(ALLOWED_METHODS))
+
+
+class FramingError(ValueError):
+    """A request's framing headers could let the dev server see another request boundary."""
+
+
+def check_request_framing(headers: CIMultiDictProxy[str], version: tuple[int, int]) -> None:
+    """Raise `FramingError` with a one-line reason if the request's framing is ambiguous."""
+    transfer_encodings = headers.getall("Transfer-Encoding", [])
+    lengths = headers.getall("Content-Length", [])
+
+    if transfer_encodings and lengths:
+        raise FramingError("the request has both Content-Length and Transfer-Encoding")
+    if len(lengths) > 1:
+        raise FramingError("the request has more than one Content-Length header")
+    if lengths and not lengths[0].isdigit():
+        raise FramingError(f"Content-Length {lengths[0]!r} is not a number")
+
+    if transfer_encodings:
+        if version < (1, 1):
+            raise FramingError("an HTTP/1.0 request cannot use Transfer-Encoding")
+        codings = [c.strip().lower() for value in transfer_encodings for c in value.split(",")]
+        if codings != ["chunked"]:
+            raise FramingError(
+                f"Transfer-Encoding {', '.join(transfer_encodings)!r} is not supported; "
+                "use 'chunked' alone"
+            )
+
+
+def invalid_header_bytes(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """Return the name of the first header whose name or value has a control byte, or None.
+
+    HTAB is allowed in values; every other byte below 0x20, and DEL, is not (RFC 9110
+    section 5.5).
+    """
+    for name, value in raw_headers:
+        if any(byte < 0x21 or byte == 0x7F or byte == 0x3A for byte in name):
+            return name
+        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in value):
+            return name
+    return None
+
+
+def upgrade_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
+    """Return the lower-case protocol names a request's Upgrade headers ask for.
+
+    Upgrade counts only when Connection lists it (RFC 9110 section 7.8); otherwise it is an
+    ordinary hop-by-hop header that the proxy drops.
+    """
+    connection = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    if "upgrade" not in connection:
+        return []
+    return [
+        token.strip().lower()
+        for value in headers.getall("Upgrade", [])
+        for token in value.split(",")
+        if token.strip()
+    ]
