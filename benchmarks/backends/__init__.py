@@ -1,0 +1,1 @@
+"""HTTP backends that stand in for a developer's dev server in the benchmark."""
