@@ -22,6 +22,10 @@ once=0
 case "${1:-}" in
     "") ;;
     --once) once=1 ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
     *)
         echo "demo.sh: unknown argument ${1@Q}; the only option is --once." >&2
         exit 2
@@ -37,15 +41,15 @@ cd examples/hello
 up_pid=$!
 trap 'kill -INT "$up_pid" 2>/dev/null || true; wait "$up_pid" || true' INT TERM
 
-# show_request HEADER_VALUE prints the status and body the bastion returns for a request
-# to http://127.0.0.1:8080/orders?id=7, with X-Ephemwork: HEADER_VALUE unless it is empty.
+# show_request HEADER_VALUE PATH prints the status and body the bastion returns for a
+# request to http://127.0.0.1:8080PATH, with X-Ephemwork: HEADER_VALUE unless it is empty.
 show_request() {
-    "$repo_root/$venv/bin/python" - "$1" <<'PY'
+    "$repo_root/$venv/bin/python" - "$1" "$2" <<'PY'
 import sys
 import urllib.error
 import urllib.request
 
-request = urllib.request.Request("http://127.0.0.1:8080/orders?id=7")
+request = urllib.request.Request(f"http://127.0.0.1:8080{sys.argv[2]}")
 if sys.argv[1]:
     request.add_header("X-Ephemwork", sys.argv[1])
 try:
@@ -64,7 +68,7 @@ for _ in $(seq 1 120); do
         wait "$up_pid"
         exit $?
     fi
-    if show_request "$route" 2>/dev/null | grep -q '^HTTP 200'; then
+    if show_request "$route" /health 2>/dev/null | grep -q '^HTTP 200'; then
         break
     fi
     sleep 0.5
@@ -72,9 +76,9 @@ done
 
 echo
 echo "=== GET http://127.0.0.1:8080/orders?id=7 with X-Ephemwork: $route"
-show_request "$route"
+show_request "$route" "/orders?id=7"
 echo "=== the same request without the header"
-show_request ""
+show_request "" "/orders?id=7"
 
 if [[ "$once" -eq 1 ]]; then
     kill -INT "$up_pid"
