@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -241,6 +242,18 @@ class TestDevServerCrash:
         assert "boom: crash requested" in up.output
         assert "SyntaxError: simulated" in up.output
         assert "flaky: the dev server is healthy again" in up.output
+
+        status = subprocess.run(
+            ephemwork_argv("status", "--json"),
+            env=environment,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        (session,) = json.loads(status.stdout)["sessions"]
+        assert session["last_error"].endswith("the dev server exited with code 3")
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=10) == 0

@@ -69,6 +69,7 @@ class Link:
     _takeover: bool
     _notify: Callable[[str], None]
     _on_session: Callable[[RouteKey, Session], None]
+    _on_lost: Callable[[str], None]
     _conn: asyncssh.SSHClientConnection | None
     _watcher: _LossWatcher | None
     _specs: dict[RouteKey, _RouteSpec]
@@ -84,12 +85,14 @@ class Link:
         takeover: bool = False,
         notify: Callable[[str], None] = print,
         on_session: Callable[[RouteKey, Session], None] = lambda key, session: None,
+        on_lost: Callable[[str], None] = lambda problem: None,
     ) -> None:
         self.target = target
         self._client = client
         self._takeover = takeover
         self._notify = notify
         self._on_session = on_session
+        self._on_lost = on_lost
         self._conn = None
         self._watcher = None
         self._specs = {}
@@ -150,6 +153,7 @@ class Link:
                 f"Lost the SSH connection to {self.target.description} ({reason or 'closed'}); "
                 "reconnecting. The dev servers keep running."
             )
+            self._on_lost(f"SSH connection lost ({reason or 'closed'})")
             await self._abandon_routes()
 
             await self._reconnect()

@@ -35,11 +35,17 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-async def keep_running(dev: DevServer, gate: ServiceGate, notify: Callable[[str], None]) -> None:
+async def keep_running(
+    dev: DevServer,
+    gate: ServiceGate,
+    notify: Callable[[str], None],
+    record_error: Callable[[str], None] | None = None,
+) -> None:
     """Watch a healthy dev server and restart it after each failure; return never.
 
-    Raises `DevServerError` when the dev server exits and ``restart`` does not allow
-    another start: ``"never"``, or exit code 0 with ``"on-failure"``.
+    *record_error* receives a one-line description of each exit, for ``status``. Raises
+    `DevServerError` when the dev server exits and ``restart`` does not allow another
+    start: ``"never"``, or exit code 0 with ``"on-failure"``.
     """
     name = dev.name
     policy = dev.service.restart
@@ -52,6 +58,8 @@ async def keep_running(dev: DevServer, gate: ServiceGate, notify: Callable[[str]
         gate.shut(f"it {how}")
         log.warning("dev_server.exited", service=name, exit_code=code, restart=policy)
         notify(f"{name}: the dev server {how}.{dev.recent_output()}")
+        if record_error is not None:
+            record_error(f"the dev server {how}")
         await dev.reap()
 
         if policy == "never" or code == 0:

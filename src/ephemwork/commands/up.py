@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -135,6 +136,7 @@ async def _serve(
             takeover=takeover,
             notify=click.echo,
             on_session=lambda key, session: _record_session(store, key, session, target, endpoint),
+            on_lost=lambda problem: _record_error(store, user, list(keys), problem),
         )
         await stop.race(link.connect())
         stack.push_async_callback(close_quietly, link)
@@ -181,6 +183,15 @@ def _record_session(
                 state=state,
                 bastion=endpoint,
             )
+
+
+def _record_error(store: StateStore, user: str, services: list[str], problem: str) -> None:
+    """Keep *problem*, with the local time, as the last error of *services* for `status`."""
+    stamped = f"{time.strftime('%H:%M:%S')} {problem}"
+    with store.transaction() as records:
+        for index, record in enumerate(records):
+            if record.user == user and record.service in services and record.pid == os.getpid():
+                records[index] = attrs.evolve(record, last_error=stamped)
 
 
 def _record_dev_server(store: StateStore, user: str, dev: DevServer) -> None:
@@ -230,7 +241,13 @@ class _Holder:
         down_task = asyncio.create_task(self._watch_down_requests(), name="ephemwork-down")
         for name, dev in self._dev_servers.items():
             self._services[name] = asyncio.create_task(
-                keep_running(dev, self._gates[name], click.echo), name=f"ephemwork-keep-{name}"
+                keep_running(
+                    dev,
+                    self._gates[name],
+                    click.echo,
+                    record_error=functools.partial(_record_error, self._store, self._user, [name]),
+                ),
+                name=f"ephemwork-keep-{name}",
             )
 
         try:
