@@ -192,7 +192,9 @@ class TestKillAndRestart:
             await ssh.forward_remote_port(
                 "127.0.0.1", bob.port, "127.0.0.1", await serve(web_.app(), runners)
             )
-            before = {session.session_id: session for session in await control.sessions()}
+            before = {
+                (session.user, session.service): session for session in await control.sessions()
+            }
             assert await get_text(http, bastion.base + "/", "alice:api") == (200, "hello from api")
 
             # Traffic in flight at the kill: a download, an upload and back-to-back renewals.
@@ -216,7 +218,9 @@ class TestKillAndRestart:
 
             await asyncio.to_thread(bastion.start)
 
-            after = {session.session_id: session for session in await control.sessions()}
+            after = {
+                (session.user, session.service): session for session in await control.sessions()
+            }
             statuses = [
                 await get_text(http, bastion.base + "/after", "alice:api"),
                 await get_text(http, bastion.base + "/after", "bob:web"),
@@ -232,10 +236,12 @@ class TestKillAndRestart:
             before[key].port for key in sorted(before)
         ]
         # bob made no renewal, so his expiry is exactly the one committed before the kill.
-        assert after[bob.session_id].lease_expires_at == before[bob.session_id].lease_expires_at
+        bob_key = (bob.user, bob.service)
+        alice_key = (alice.user, alice.service)
+        assert after[bob_key].lease_expires_at == before[bob_key].lease_expires_at
         # alice's last acknowledged renewal is kept; one sent but unanswered may also be.
-        assert after[alice.session_id].lease_expires_at >= acknowledged[-1]
-        assert after[alice.session_id].lease_expires_at <= killed_at + 60.0
+        assert after[alice_key].lease_expires_at >= acknowledged[-1]
+        assert after[alice_key].lease_expires_at <= killed_at + 60.0
         assert _integrity(on_disk) == "ok"
         assert _stored_expiries(on_disk) == {key: after[key].lease_expires_at for key in after}
 
@@ -308,7 +314,7 @@ def _integrity(database: Path) -> str:
     return result
 
 
-def _stored_expiries(database: Path) -> dict[str, float]:
+def _stored_expiries(database: Path) -> dict[tuple[str, str], float]:
     with sqlite3.connect(database) as connection:
-        rows = connection.execute("SELECT session_id, lease_expires_at FROM sessions").fetchall()
-    return {session_id: expiry for session_id, expiry in rows}
+        rows = connection.execute("SELECT user, service, lease_expires_at FROM sessions").fetchall()
+    return {(user, service): expiry for user, service, expiry in rows}

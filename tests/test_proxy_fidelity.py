@@ -20,7 +20,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from ephemwork.bastion.connections import ConnectionLimits
+from ephemwork.bastion.connections import ConnectionLimits, parse_trusted_proxy
 from ephemwork.bastion.proxy import ProxyTimeouts
 from helpers.bastion_path import RequestPath, path_options
 from helpers.sshd import SshdServer
@@ -388,6 +388,36 @@ class TestHostileInput:
             assert r.status == 502
         assert len(received) == 1
 
+    async def test_latin1_in_response(self, path: RequestPath) -> None:
+        """A dev server header with a Latin-1 byte gets 502 naming the header and byte."""
+        port, _ = await path.serve_raw(
+            b"HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename=caf\xe9.txt\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        await path.register("alice", "raw", port)
+        head, body = await raw_request(
+            path.proxy_port,
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Ephemwork: alice:raw\r\nConnection: close\r\n\r\n",
+        )
+        assert status_of(head) == 502
+        assert b"'Content-Disposition' with the byte 0xe9" in body
+
+    async def test_utf8_in_response(self, path: RequestPath) -> None:
+        """A dev server header with UTF-8 bytes reaches the caller byte for byte."""
+        port, _ = await path.serve_raw(
+            b"HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename=caf\xc3\xa9.txt\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        await path.register("alice", "raw", port)
+        head, _ = await raw_request(
+            path.proxy_port,
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Ephemwork: alice:raw\r\nConnection: close\r\n\r\n",
+        )
+        assert status_of(head) == 200
+        assert header_values(head, b"content-disposition") == [
+            b"attachment; filename=caf\xc3\xa9.txt"
+        ]
+
     async def test_reason_from_status(self, path: RequestPath) -> None:
         """The reason phrase comes from the status code, not from the dev server."""
         raw = await raw_exchange(
@@ -419,6 +449,27 @@ class TestRouting:
                 echoed = await response.json()
         assert echoed["path_qs"] == "/page?x=1"
         assert echoed["headers"]["X-Ephemwork"] == "alice:api"
+
+    @pytest.mark.parametrize(
+        ("target", "location"),
+        [
+            ("//evil.example/?ephemwork=alice:api", "/evil.example/"),
+            ("/\\evil.example/?ephemwork=alice:api", "/evil.example/"),
+            ("/\\/evil.example/x?next=1&ephemwork=alice:api", "/evil.example/x?next=1"),
+            ("///evil.example?ephemwork=alice:api&a=1", "/evil.example?a=1"),
+        ],
+    )
+    async def test_query_redirect_same_origin(
+        self, path: RequestPath, target: str, location: str
+    ) -> None:
+        """A path starting with // or /\\ redirects to a path on this host, not to another."""
+        head, _ = await raw_request(
+            path.proxy_port,
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        assert status_of(head) == 307
+        assert header_values(head, b"location") == [location.encode()]
 
     @pytest.mark.parametrize(
         "baggage",
@@ -507,6 +558,43 @@ class TestSlowClients:
             writer.close()
         assert status_of(raw) == 503
         assert b"2 connections" in raw
+
+    @pytest.mark.parametrize(
+        ("forwarded_for", "status"),
+        [
+            pytest.param("203.0.113.1", 503, id="same_client"),
+            pytest.param("203.0.113.2", 200, id="other_client"),
+            pytest.param("198.51.100.7, 203.0.113.1", 503, id="spoofed_left_entry"),
+            pytest.param("203.0.113.1, 127.0.0.9", 503, id="trusted_hop_skipped"),
+        ],
+    )
+    async def test_connection_cap_per_forwarded_client(
+        self, make_path: PathFactory, forwarded_for: str, status: int
+    ) -> None:
+        """Behind a trusted proxy, the cap counts the right-most untrusted X-Forwarded-For."""
+        path = await make_path(
+            connection_limits=ConnectionLimits(
+                max_per_client=2, trusted_proxies=(parse_trusted_proxy("127.0.0.0/8"),)
+            )
+        )
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", path.proxy_port)
+            writer.write(
+                b"GET /ephemwork-health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.1\r\n\r\n"
+            )
+            await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+            held.append(writer)
+
+        raw = await raw_exchange(
+            path.proxy_port,
+            b"GET /ephemwork-health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + f"X-Forwarded-For: {forwarded_for}\r\n\r\n".encode(),
+        )
+        for writer in held:
+            writer.close()
+
+        assert status_of(raw) == status
 
     async def test_keepalive_timeout(self, make_path: PathFactory) -> None:
         """An idle keep-alive connection is closed after the keep-alive timeout."""

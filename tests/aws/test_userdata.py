@@ -19,6 +19,23 @@ from helpers.sshd import SshdUnavailableError, find_ssh_keygen, find_sshd
 INPUTS = UserDataInputs(team="payments", region="eu-west-1", binary_s3_uri="s3://b/e.pyz")
 
 
+def sshd_config_with_drop_in(tmp_path: Path) -> tuple[str, Path]:
+    """Write an sshd_config that includes the rendered drop-in; return sshd and the config."""
+    try:
+        sshd = find_sshd()
+        keygen = find_ssh_keygen()
+    except SshdUnavailableError as exc:
+        pytest.skip(str(exc))
+    host_key = tmp_path / "host_key"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    drop_in = tmp_path / "50-ephemwork.conf"
+    drop_in.write_text(render_sshd_drop_in(INPUTS))
+    config = tmp_path / "sshd_config"
+    config.write_text(f"HostKey {host_key}\nPidFile none\nInclude {drop_in}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    return sshd, config
+
+
 class TestUserData:
     def test_valid_bash(self, tmp_path: Path) -> None:
         """bash -n accepts the rendered script."""
@@ -39,27 +56,47 @@ class TestUserData:
 class TestSshdDropIn:
     def test_accepted_by_sshd(self, tmp_path: Path) -> None:
         """sshd -t accepts a config that includes the drop-in."""
-        try:
-            sshd = find_sshd()
-            keygen = find_ssh_keygen()
-        except SshdUnavailableError as exc:
-            pytest.skip(str(exc))
-        host_key = tmp_path / "host_key"
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-        drop_in = tmp_path / "50-ephemwork.conf"
-        drop_in.write_text(render_sshd_drop_in(INPUTS))
-        config = tmp_path / "sshd_config"
-        config.write_text(f"HostKey {host_key}\nPidFile none\nInclude {drop_in}\n")
-        Path("/run/sshd").mkdir(exist_ok=True)
+        sshd, config = sshd_config_with_drop_in(tmp_path)
 
         result = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True)
 
         assert result.returncode == 0, result.stderr
 
+    def test_listen_on_tunnel_ports_only(self, tmp_path: Path) -> None:
+        """sshd lets the tunnel user listen on exactly the tunnel ports of 127.0.0.1."""
+        sshd, config = sshd_config_with_drop_in(tmp_path)
+
+        # -T prints the settings in effect for a connection described by -C.
+        result = subprocess.run(
+            [sshd, "-T", "-f", str(config), "-C", "user=ephemwork,host=laptop,addr=10.0.0.9"],
+            capture_output=True,
+            text=True,
+        )
+
+        assert result.returncode == 0, result.stderr
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("permitlisten ")]
+        expected = [f"127.0.0.1:{port}" for port in range(20000, 21000)]
+        assert line.split()[1:] == expected
+
+    def test_custom_port_range(self) -> None:
+        """The drop-in and the unit follow a custom port range."""
+        inputs = UserDataInputs(
+            team="payments",
+            region="eu-west-1",
+            binary_s3_uri="s3://b/e.pyz",
+            port_range=(30000, 30002),
+        )
+        assert "PermitListen 127.0.0.1:30000 127.0.0.1:30001 127.0.0.1:30002\n" in (
+            render_sshd_drop_in(inputs)
+        )
+        assert "--port-range 30000-30002" in render_systemd_unit(inputs)
+
     def test_loopback_forwards_only(self) -> None:
         """Remote forwards listen on loopback and local forwards reach only the control API."""
         text = render_sshd_drop_in(INPUTS)
-        assert "PermitListen 127.0.0.1:*" in text
+        assert "PermitListen 127.0.0.1:20000 127.0.0.1:20001 " in text
+        assert ":*" not in text
+        assert "127.0.0.1:7070 " not in text
         assert "PermitOpen 127.0.0.1:7070" in text
         assert "GatewayPorts no" in text
 

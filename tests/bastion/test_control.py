@@ -152,10 +152,22 @@ class TestRegister:
         assert error_code(data) == "route_taken"
 
     async def test_takeover(self, api: ControlAPI) -> None:
-        """A takeover of a live route gets 201."""
-        await api.register()
-        status, _ = await api.register(takeover=True)
+        """A takeover of a live route that names its session id gets 201."""
+        _, data = await api.register()
+        old_id = decode(data, RegisterResponse).session.session_id
+        status, _ = await api.register(takeover=True, replaces_session_id=old_id)
         assert status == 201
+
+    async def test_takeover_without_id(self, api: ControlAPI) -> None:
+        """A takeover of a live route without its session id gets 409 and keeps the route."""
+        _, data = await api.register()
+        old = decode(data, RegisterResponse).session
+        status, body = await api.register(client="other pid 2", takeover=True)
+        _, listing, _ = await api.call("GET", "/v1/sessions")
+        assert status == 409
+        assert error_code(body) == "route_taken"
+        assert "wait 30 s" in decode(body, ErrorBody).message
+        assert [s.client for s in decode(listing, SessionList).sessions] == [old.client]
 
     async def test_ports_exhausted(self, api: ControlAPI) -> None:
         """A register beyond the port range gets 503 ports_exhausted."""
@@ -204,6 +216,16 @@ class TestRenewDeregisterList:
         status, body, _ = await api.call("GET", "/v1/sessions?user=bob")
         assert status == 200
         assert [s.user for s in decode(body, SessionList).sessions] == ["bob"]
+
+    async def test_list_hides_session_ids(self, api: ControlAPI) -> None:
+        """The list leaves every session id empty, since the id is what renews and deletes."""
+        _, data = await api.register()
+        session = decode(data, RegisterResponse).session
+        _, body, _ = await api.call("GET", "/v1/sessions")
+        listed = decode(body, SessionList).sessions
+        assert [s.session_id for s in listed] == [""]
+        assert session.session_id.encode() not in body
+        assert [(s.user, s.service, s.port) for s in listed] == [("alice", "api", session.port)]
 
     async def test_list_invalid_user(self, api: ControlAPI) -> None:
         """An invalid ?user= gets 400 invalid_request."""

@@ -15,7 +15,12 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ephemwork.bastion.proxy import ProxyTimeouts, create_proxy_app, upgrade_response_headers
+from ephemwork.bastion.proxy import (
+    SMALL_BODY_MAX,
+    ProxyTimeouts,
+    create_proxy_app,
+    upgrade_response_headers,
+)
 from ephemwork.bastion.registry import SessionRegistry
 from ephemwork.wire import Session
 
@@ -327,6 +332,26 @@ class TestForwarding:
         _, body, response = await proxy.get(headers={"Accept-Encoding": "gzip"})
         assert body == payload
         assert response.headers["Content-Encoding"] == "gzip"
+
+    @pytest.mark.parametrize("size", [0, 1, SMALL_BODY_MAX, SMALL_BODY_MAX + 1])
+    async def test_sized_response_body(
+        self, proxy: Proxy, make_backend: BackendFactory, size: int
+    ) -> None:
+        """Sized bodies on both sides of the whole-body limit arrive whole, headers kept."""
+        payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+        async def sized(request: web.Request) -> web.Response:
+            return web.Response(body=payload, headers={"X-Dev": "1", "Content-Type": "a/b"})
+
+        app = web.Application()
+        app.router.add_get("/", sized)
+        proxy.route("alice", "api", await make_backend(app))
+        status, body, response = await proxy.get()
+        assert status == 200
+        assert body == payload
+        assert response.headers["Content-Length"] == str(size)
+        assert response.headers["X-Dev"] == "1"
+        assert response.headers["Content-Type"] == "a/b"
 
     async def test_large_request_body(self, proxy: Proxy, make_backend: BackendFactory) -> None:
         """A 20 MiB chunked upload arrives whole."""

@@ -21,6 +21,7 @@ from ephemwork.bastion.registry import (
     RouteTakenError,
     SessionNotFoundError,
     SessionRegistry,
+    TakeoverRefusedError,
 )
 from ephemwork.wire import RegisterRequest, RouteKey
 
@@ -34,6 +35,7 @@ def request(
     client: str = "laptop pid 1",
     preferred_port: int | None = None,
     takeover: bool = False,
+    replaces_session_id: str | None = None,
 ) -> RegisterRequest:
     return RegisterRequest(
         user=user,
@@ -41,6 +43,7 @@ def request(
         client=client,
         preferred_port=preferred_port,
         takeover=takeover,
+        replaces_session_id=replaces_session_id,
     )
 
 
@@ -95,30 +98,62 @@ class TestRegister:
         """A takeover replaces the live session and frees its id."""
         registry = make_registry()
         old = registry.register(request(), now=0.0)
-        new = registry.register(request(takeover=True), now=10.0)
+        new = registry.register(
+            request(takeover=True, replaces_session_id=old.session_id), now=10.0
+        )
         assert registry.lookup(RouteKey("alice", "api")) == new
         with pytest.raises(SessionNotFoundError):
             registry.renew(old.session_id, now=11.0)
+
+    @pytest.mark.parametrize("replaces_session_id", [None, "", "guessed-id"])
+    def test_takeover_without_id(
+        self, make_registry: RegistryFactory, replaces_session_id: str | None
+    ) -> None:
+        """A takeover of a live session that does not name its id is refused."""
+        registry = make_registry(lease_ttl=60.0)
+        old = registry.register(request(client="host-a pid 7"), now=0.0)
+        with pytest.raises(TakeoverRefusedError) as caught:
+            registry.register(
+                request(takeover=True, replaces_session_id=replaces_session_id), now=15.0
+            )
+        message = str(caught.value)
+        assert "'host-a pid 7'" in message
+        assert "wait 45 s" in message
+        assert "ephemwork down api" in message
+        assert caught.value.code == "route_taken"
+        assert registry.lookup(RouteKey("alice", "api")) == old
+
+    def test_takeover_expired_without_id(self, make_registry: RegistryFactory) -> None:
+        """A takeover of a session past its lease needs no id."""
+        registry = make_registry(lease_ttl=10.0)
+        registry.register(request(), now=0.0)
+        new = registry.register(request(takeover=True), now=10.0)
+        assert registry.lookup(RouteKey("alice", "api")) == new
 
     def test_takeover_new_port(self, make_registry: RegistryFactory) -> None:
         """A takeover without a preference gets a new port, since the old forward may live on."""
         registry = make_registry()
         old = registry.register(request(), now=0.0)
-        new = registry.register(request(takeover=True), now=10.0)
+        new = registry.register(
+            request(takeover=True, replaces_session_id=old.session_id), now=10.0
+        )
         assert new.port != old.port
 
     def test_takeover_keeps_requested_port(self, make_registry: RegistryFactory) -> None:
         """A takeover that prefers the old port gets it."""
         registry = make_registry()
         old = registry.register(request(), now=0.0)
-        new = registry.register(request(takeover=True, preferred_port=old.port), now=10.0)
+        new = registry.register(
+            request(takeover=True, preferred_port=old.port, replaces_session_id=old.session_id),
+            now=10.0,
+        )
         assert new.port == old.port
 
     def test_takeover_frees_old_port(self, make_registry: RegistryFactory) -> None:
         """The port of a replaced session is free again."""
         registry = make_registry(port_range=(20000, 20001))
-        registry.register(request(), now=0.0)
-        registry.register(request(takeover=True), now=10.0)
+        old = registry.register(request(), now=0.0)
+        registry.register(request(takeover=True, replaces_session_id=old.session_id), now=10.0)
         assert registry.register(request(service="web"), now=10.0).port == 20000
 
     def test_expired_route_replaced(self, make_registry: RegistryFactory) -> None:

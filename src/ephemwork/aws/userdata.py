@@ -25,6 +25,9 @@ class UserDataInputs:
     binary_s3_uri: str
     control_port: int = 7070
     proxy_port: int = 80
+    # Inclusive range of the tunnel ports: serve-bastion hands them out, and sshd lets the
+    # tunnel user listen on these and no other ports.
+    port_range: tuple[int, int] = (20000, 20999)
     ssh_user: str = SSH_USER
     python: str = PYTHON
 
@@ -37,15 +40,23 @@ def load_template(name: str) -> Template:
 
 def render_sshd_drop_in(inputs: UserDataInputs) -> str:
     """Render ``/etc/ssh/sshd_config.d/50-ephemwork.conf``."""
+    low, high = inputs.port_range
+    # One PermitListen line with every port: a later PermitListen line would be ignored,
+    # because sshd uses the first value it reads for each keyword.
+    permit_listen = " ".join(f"127.0.0.1:{port}" for port in range(low, high + 1))
     return load_template("sshd_ephemwork.conf").substitute(
-        ssh_user=inputs.ssh_user, control_port=inputs.control_port
+        ssh_user=inputs.ssh_user, control_port=inputs.control_port, permit_listen=permit_listen
     )
 
 
 def render_systemd_unit(inputs: UserDataInputs) -> str:
     """Render ``/etc/systemd/system/ephemwork-bastion.service``."""
+    low, high = inputs.port_range
     return load_template("ephemwork-bastion.service").substitute(
-        python=inputs.python, proxy_port=inputs.proxy_port, control_port=inputs.control_port
+        python=inputs.python,
+        proxy_port=inputs.proxy_port,
+        control_port=inputs.control_port,
+        port_range=f"{low}-{high}",
     )
 
 

@@ -8,7 +8,10 @@ adds both:
 - a connection must deliver complete request headers within ``header_timeout`` seconds of
   opening, and of the first byte of each later request on it;
 - one client address may hold at most ``max_per_client`` connections at once. Behind a
-  load balancer every connection comes from one of its nodes, so the cap applies per node.
+  load balancer every connection comes from one of its nodes, so for a peer in
+  ``trusted_proxies`` the client address is the right-most ``X-Forwarded-For`` entry that
+  is not itself a trusted proxy, read from each request's headers. Without trusted proxies
+  the cap applies per load balancer node.
 
 It also replaces aiohttp's answers to unparseable requests with the proxy's error answers.
 """
@@ -16,8 +19,9 @@ It also replaces aiohttp's answers to unparseable requests with the proxy's erro
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import structlog
@@ -28,6 +32,12 @@ from ephemwork.bastion.error_responses import error_response, new_request_id, ra
 from ephemwork.bastion.validation import ALLOW_HEADER_VALUE
 
 _HEADERS_END = b"\r\n\r\n"
+
+# Request head bytes kept per connection from a trusted proxy, to read X-Forwarded-For.
+# The ALB rejects request heads above 64 KiB.
+_MAX_BUFFERED_HEAD = 64 * 1024
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 logger = structlog.get_logger()
 
@@ -45,6 +55,60 @@ class ConnectionLimits:
     keepalive_timeout: float = 75.0
     # Concurrent connections from one client address.
     max_per_client: int = 256
+    # Peers, such as the ALB's nodes, whose X-Forwarded-For names the client address.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+def parse_trusted_proxy(text: str) -> IPNetwork:
+    """Parse a ``--trusted-proxy`` value, an address or a CIDR block such as ``10.0.0.0/16``.
+
+    Raises ValueError with a sentence naming the value.
+    """
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address or CIDR block; use for example 10.0.0.0/16 "
+            "for the subnets of the load balancer"
+        ) from None
+
+
+def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    """Return whether *address* lies in one of the *trusted* networks."""
+    if not trusted:
+        return False
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted)
+
+
+def forwarded_client(head: bytes, trusted: Sequence[IPNetwork]) -> str | None:
+    """Return the client address that a trusted proxy's request head names, or None.
+
+    *head* starts with the request line; anything after the blank line that ends the
+    headers is ignored.
+
+    It is the right-most ``X-Forwarded-For`` entry that is not a trusted proxy. Entries to
+    its left were sent by the client and could be anything, so they are never used. None
+    means the head has no such entry, or that entry is not an IP address.
+    """
+    entries: list[str] = []
+    head = head.partition(_HEADERS_END)[0]
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"x-forwarded-for":
+            entries.extend(entry.strip() for entry in value.decode("latin-1").split(","))
+
+    for entry in reversed(entries):
+        if is_trusted(entry, trusted):
+            continue
+        try:
+            return str(ipaddress.ip_address(entry))
+        except ValueError:
+            return None
+    return None
 
 
 class _ProxyRequestHandler(RequestHandler):
@@ -141,83 +205,93 @@ class ConnectionGuard:
 
 
 class _GuardedProtocol(asyncio.Protocol):
-    """Passes every event on to aiohttp's protocol and enforces the header timeout."""
+    """Passes every event on to aiohttp's protocol and enforces the header timeout and cap."""
 
     _inner: _ProxyRequestHandler
     _guard: ConnectionGuard
     _transport: asyncio.Transport | None
+    _peer: str
+    # Whether the peer is a trusted proxy, whose requests name the client in X-Forwarded-For.
+    _behind_proxy: bool
+    # The client address this connection counts against, or None while it counts against
+    # none: before the first request from a trusted proxy, and after a rejection.
     _address: str | None
+    _rejected: bool
+    _inner_started: bool
     _waiting_for_headers: bool
     _idle: bool
     _received: bytearray
+    # The current request's head, kept only for a trusted proxy's connection.
+    _head: bytearray
     _timer: asyncio.TimerHandle | None
 
     def __init__(self, inner: _ProxyRequestHandler, guard: ConnectionGuard) -> None:
         self._inner = inner
         self._guard = guard
         self._transport = None
+        self._peer = "unknown"
+        self._behind_proxy = False
         self._address = None
+        self._rejected = False
+        self._inner_started = False
         self._waiting_for_headers = True
         self._idle = False
         self._received = bytearray()
+        self._head = bytearray()
         self._timer = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "unknown"
+        self._peer = str(peer[0]) if peer else "unknown"
+        self._behind_proxy = is_trusted(self._peer, self._guard.limits.trusted_proxies)
 
-        if not self._guard.opened(address):
-            request_id = new_request_id()
-            cap = self._guard.limits.max_per_client
-            logger.info(
-                "proxy.connection_rejected",
-                request_id=request_id,
-                remote=address,
-                max_per_client=cap,
-            )
-            transport.write(
-                raw_error_response(
-                    503,
-                    "too_many_connections",
-                    f"client address {address} already holds {cap} connections, the maximum",
-                    request_id,
-                )
-            )
-            transport.close()
+        # A trusted proxy's connection is counted once its first request names the client.
+        if not self._behind_proxy and not self._count_against(self._peer):
             return
 
-        self._address = address
         self._arm_timer()
+        self._inner_started = True
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._address is None:
+        if self._rejected:
             return
+        headers_complete = False
         if self._waiting_for_headers:
-            self._scan_for_headers_end(data)
+            headers_complete = self._scan_for_headers_end(data)
         elif self._idle:
             # The first byte of the next request on a keep-alive connection.
             self._idle = False
             self._waiting_for_headers = True
             self._received.clear()
             self._arm_timer()
-            self._scan_for_headers_end(data)
+            headers_complete = self._scan_for_headers_end(data)
+
+        if headers_complete and self._behind_proxy:
+            head = bytes(self._head)
+            self._head.clear()
+            client = forwarded_client(head, self._guard.limits.trusted_proxies)
+            # Without a usable X-Forwarded-For entry the proxy itself is the client.
+            if not self._count_against(client or self._peer):
+                return
+
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        if self._address is not None:
+        if self._inner_started and not self._rejected:
             self._inner.eof_received()
         # None closes the transport, as aiohttp's own protocol does.
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self._address is None:
-            return
-        self._guard.closed(self._address)
-        self._inner.connection_lost(exc)
+        if self._address is not None:
+            self._guard.closed(self._address)
+            self._address = None
+        if self._inner_started:
+            self._inner.connection_lost(exc)
 
     def response_finished(self) -> None:
         """Mark the connection idle: the next byte starts a new request's headers."""
@@ -229,16 +303,58 @@ class _GuardedProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._inner.resume_writing()
 
-    def _scan_for_headers_end(self, data: bytes) -> None:
+    def _count_against(self, address: str) -> bool:
+        """Move this connection's count to *address*; reject the connection if it is full."""
+        if address == self._address:
+            return True
+        if self._address is not None:
+            self._guard.closed(self._address)
+            self._address = None
+
+        if self._guard.opened(address):
+            self._address = address
+            return True
+
+        self._rejected = True
+        self._cancel_timer()
+        request_id = new_request_id()
+        cap = self._guard.limits.max_per_client
+        logger.info(
+            "proxy.connection_rejected",
+            request_id=request_id,
+            remote=address,
+            peer=self._peer,
+            max_per_client=cap,
+        )
+        assert self._transport is not None
+        self._transport.write(
+            raw_error_response(
+                503,
+                "too_many_connections",
+                f"client address {address} already holds {cap} connections, the maximum",
+                request_id,
+            )
+        )
+        self._transport.close()
+        return False
+
+    def _scan_for_headers_end(self, data: bytes) -> bool:
+        """Return whether *data* completes the request's headers."""
+        if self._behind_proxy and len(self._head) < _MAX_BUFFERED_HEAD:
+            # Body bytes after the head may come along; forwarded_client stops at the head's end.
+            self._head += data[: _MAX_BUFFERED_HEAD - len(self._head)]
+
         # Keep the last three bytes of earlier chunks, so an end split across two reads
         # is still found.
         window = bytes(self._received[-3:]) + data
-        if _HEADERS_END in window:
-            self._waiting_for_headers = False
-            self._received.clear()
-            self._cancel_timer()
-        else:
+        if _HEADERS_END not in window:
             self._received += data[-3:]
+            return False
+
+        self._waiting_for_headers = False
+        self._received.clear()
+        self._cancel_timer()
+        return True
 
     def _arm_timer(self) -> None:
         self._cancel_timer()
@@ -261,7 +377,7 @@ class _GuardedProtocol(asyncio.Protocol):
         logger.info(
             "proxy.header_timeout",
             request_id=request_id,
-            remote=self._address,
+            remote=self._address or self._peer,
             header_timeout=timeout,
             bytes_received=bool(self._received),
         )
@@ -284,4 +400,11 @@ def guarded_protocol_factory(
     return ConnectionGuard(server, limits)
 
 
-__all__: list[str] = ["ConnectionGuard", "ConnectionLimits", "guarded_protocol_factory"]
+__all__: list[str] = [
+    "ConnectionGuard",
+    "ConnectionLimits",
+    "forwarded_client",
+    "guarded_protocol_factory",
+    "is_trusted",
+    "parse_trusted_proxy",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import attrs
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -214,4 +215,7 @@ async def _list_sessions(request: web.Request) -> web.Response:
             400, "invalid_request", f"Invalid user name {user!r} in ?user=: use {NAME_RULE}."
         )
 
-    return _json_response(SessionList(sessions=registry.list(user)))
+    # Any laptop with a tunnel may list, and the session id is the secret that renews,
+    # deregisters and takes over a session, so the listing leaves it empty.
+    sessions = [attrs.evolve(session, session_id="") for session in registry.list(user)]
+    return _json_response(SessionList(sessions=sessions))

@@ -62,3 +62,15 @@ def split_route_parameter(raw_query: str) -> tuple[list[str], str]:
         else:
             kept.append(item)
     return found, "&".join(kept)
+
+
+def same_origin_location(raw_path: str, raw_query: str) -> str:
+    """Return the redirect target for *raw_path* and *raw_query* on the host that set the cookie.
+
+    A Location that starts with ``//`` names another host (a scheme-relative reference, RFC
+    3986 section 4.2), and browsers read ``\\`` as ``/`` and remove tabs and newlines from
+    URLs (WHATWG URL standard), so ``/\\evil.example/`` leads off-site too. Collapsing every
+    leading ``/``, ``\\``, tab, CR and LF into one ``/`` keeps the redirect on this host.
+    """
+    path = "/" + raw_path.lstrip("/\\\t\r\n")
+    return path + (f"?{raw_query}" if raw_query else "")

@@ -34,6 +34,7 @@ __all__ = [
     "RouteTakenError",
     "SessionNotFoundError",
     "SessionRegistry",
+    "TakeoverRefusedError",
 ]
 
 REGISTRY_FILE_NAME = "registry.sqlite3"
@@ -82,6 +83,13 @@ class RouteTakenError(RegistryError, UsageError):
     def __init__(self, message: str, *, existing: Session) -> None:
         super().__init__(message)
         self.existing = existing
+
+
+class TakeoverRefusedError(RouteTakenError):
+    """A takeover of a live session did not name that session's id.
+
+    It keeps the ``route_taken`` code, so laptops that stop on that code stop here too.
+    """
 
 
 class SessionNotFoundError(RegistryError, UsageError):
@@ -192,13 +200,21 @@ class SessionRegistry:
     def register(self, request: RegisterRequest, now: float) -> Session:
         """Create a session for the request's route and allocate its tunnel port.
 
-        A live session on the same route raises `RouteTakenError` unless the request sets
-        ``takeover``. A session whose lease has expired is replaced silently.
+        A live session on the same route raises `RouteTakenError`, unless the request sets
+        ``takeover`` and names that session in ``replaces_session_id``; a takeover that does
+        not name it raises `TakeoverRefusedError`. The id is the proof: list responses leave
+        it out, so only the laptop that registered the session holds it. A session whose
+        lease has expired is replaced silently.
         """
         route = _validated_route(request)
         existing = self._by_route.get(route)
-        if existing is not None and existing.lease_expires_at > now and not request.takeover:
-            raise RouteTakenError(_route_taken_message(existing), existing=existing)
+        if existing is not None and existing.lease_expires_at > now:
+            if not request.takeover:
+                raise RouteTakenError(_route_taken_message(existing), existing=existing)
+            if not _names_session(request.replaces_session_id, existing):
+                raise TakeoverRefusedError(
+                    _takeover_refused_message(existing, now), existing=existing
+                )
 
         port = self._allocate_port(request.preferred_port, existing)
         session = Session(
@@ -398,6 +414,24 @@ def _validated_route(request: RegisterRequest) -> RouteKey:
         )
 
     return RouteKey(request.user, request.service)
+
+
+def _names_session(session_id: str | None, session: Session) -> bool:
+    if not session_id:
+        return False
+    return secrets.compare_digest(session_id.encode(), session.session_id.encode())
+
+
+def _takeover_refused_message(existing: Session, now: float) -> str:
+    registered = datetime.fromtimestamp(existing.registered_at, tz=UTC)
+    return (
+        f"Cannot take over route {str(existing.route)!r}: it is live, registered at "
+        f"{registered:%Y-%m-%d %H:%M:%S} UTC from {existing.client!r}, and a takeover must "
+        "name that session's id, which only the laptop that registered it holds. Stop that "
+        f"`ephemwork up` (`ephemwork down {existing.service}` on that laptop), or, if it is "
+        f"no longer running, wait {existing.lease_expires_at - now:.0f} s until its lease "
+        "expires and run `ephemwork up` again."
+    )
 
 
 def _route_taken_message(existing: Session) -> str:

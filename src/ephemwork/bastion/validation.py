@@ -99,6 +99,33 @@ def invalid_header_bytes(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes | 
     return None
 
 
+def invalid_response_header(raw_headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Return what is wrong with the first header the proxy cannot relay unchanged, or None.
+
+    The result names the header and the problem, for example ``'X-Bad' with a control
+    character``. Besides control bytes, it catches values that are not UTF-8, such as a
+    Latin-1 ``0xE9``. RFC 9110 allows such bytes (obs-text), but aiohttp 3.14 decodes header
+    values as UTF-8 with ``surrogateescape`` and its header writer drops the surrogates, so
+    the caller would get the value with those bytes missing. UTF-8 values pass through
+    byte for byte.
+    """
+    bad_name = invalid_header_bytes(raw_headers)
+    if bad_name is not None:
+        return f"{bad_name.decode('latin-1')!r} with a control character"
+
+    for name, value in raw_headers:
+        if any(byte >= 0x80 for byte in name):
+            return f"{name.decode('latin-1')!r} with a byte above 0x7F in its name"
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (
+                f"{name.decode('latin-1')!r} with the byte 0x{value[exc.start]:02x}, which is "
+                "not UTF-8 and which the bastion cannot pass on unchanged"
+            )
+    return None
+
+
 def upgrade_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
     """Return the lower-case protocol names a request's Upgrade headers ask for.
 

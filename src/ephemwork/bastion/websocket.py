@@ -24,6 +24,8 @@ _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 CLOSE_BAD_GATEWAY = 1014
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+# "The server met an unexpected condition" (RFC 6455 section 7.4.1).
+CLOSE_INTERNAL_ERROR = 1011
 
 # Largest message relayed, in bytes; aiohttp's default. Vite's hot-module-reload messages
 # are a few KiB.
@@ -38,7 +40,9 @@ AnyWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 class RelayOutcome:
     """How a relayed WebSocket connection ended."""
 
-    # Which side closed first: "caller", "dev_server" or "idle_timeout".
+    # Which side ended the relay: "caller", "dev_server" or "idle_timeout" when a close
+    # frame or a lost connection came from that side, or "caller_send_failed" or
+    # "dev_server_send_failed" when forwarding a frame to that side raised.
     closed_by: str = "idle_timeout"
     close_code: int | None = None
     messages_up: int = 0
@@ -87,7 +91,22 @@ async def relay_websocket(
                 outcome.messages_up += 1
             else:
                 outcome.messages_down += 1
-            await _forward_frame(message, target)
+            try:
+                await _forward_frame(message, target)
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                # The target is gone or closing; aiohttp raises ConnectionResetError or
+                # ClientConnectionResetError for a closed transport.
+                failed_side = "dev_server" if name == "caller" else "caller"
+                logger.info(
+                    "proxy.websocket_send_failed",
+                    side=failed_side,
+                    error=repr(exc),
+                    **log_fields,
+                )
+                if outcome.close_code is None:
+                    outcome.closed_by = f"{failed_side}_send_failed"
+                    outcome.close_code = CLOSE_INTERNAL_ERROR
+                return
 
         if outcome.close_code is None:
             outcome.closed_by = name
@@ -110,10 +129,16 @@ async def relay_websocket(
         await asyncio.gather(*tasks, return_exceptions=True)
 
     code = sendable_close_code(outcome.close_code)
+    caller_code = code
+    if outcome.closed_by == "dev_server_send_failed":
+        # Towards the caller, the dev server side is the upstream that failed.
+        caller_code = CLOSE_BAD_GATEWAY
     if outcome.closed_by == "idle_timeout":
-        code = CLOSE_GOING_AWAY
+        code = caller_code = CLOSE_GOING_AWAY
         logger.info("proxy.websocket_idle_timeout", idle_timeout=idle_timeout, **log_fields)
-    await _close(caller, code, b"" if outcome.closed_by != "idle_timeout" else b"idle timeout")
+    await _close(
+        caller, caller_code, b"" if outcome.closed_by != "idle_timeout" else b"idle timeout"
+    )
     await _close(dev_server, code, b"" if outcome.closed_by != "idle_timeout" else b"idle timeout")
     return outcome
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # Raise this when a control API message changes shape; both sides reject any other value,
 # so an old laptop and a new bastion fail with a clear message instead of a confusing 400.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Every control API request and response carries the sender's protocol version here.
 PROTOCOL_HEADER = "X-Ephemwork-Protocol"

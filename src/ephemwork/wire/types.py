@@ -33,12 +33,17 @@ class RegisterRequest:
     # The port the laptop held before a reconnect; the bastion reuses it when it is free.
     preferred_port: int | None = None
     takeover: bool = False
+    # With ``takeover``: the id of the live session to replace, which proves that this
+    # laptop registered it. The bastion rejects a takeover of a live session without it.
+    replaces_session_id: str | None = None
 
 
 @attrs.frozen
 class Session:
     """A live route: ``user:service`` served through ``port`` on the bastion's loopback."""
 
+    # The secret that renews, deregisters and takes over this session. Only the register
+    # response carries it; sessions in a `SessionList` have "" here.
     session_id: str
     user: str
     service: str
