@@ -7,7 +7,10 @@ starts a child process of its own, so every stop must reach grandchildren. It li
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
+import io
 import json
 import os
 import signal
@@ -18,8 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 
+from ephemwork.client.state import SessionRecord, StateStore, process_start_ticks
+from ephemwork.commands.down import _stop_owner
 from helpers.cli import RunningCommand, ephemwork_argv
 from helpers.ports import find_free_port
 from helpers.processes import live_group_members
@@ -332,6 +338,70 @@ class TestDown:
         finally:
             bystander.kill()
             bystander.wait()
+
+    def test_unproven_pid_spared(
+        self, tmp_path: Path, environment: dict[str, str], commands: list[RunningCommand]
+    ) -> None:
+        """A record without the start time of its live pid, as after a reboot, signals nothing."""
+        tunnel, _proxy_port = local_tunnel()
+        folder = write_project(tmp_path / "project", tunnel)
+        bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            home = Path(environment["EPHEMWORK_HOME"])
+            home.mkdir(mode=0o700)
+            record = {
+                "user": "alice",
+                "service": "api",
+                "local_port": service_port(folder, "api"),
+                "bastion_port": 0,
+                "session_id": "",
+                "pid": bystander.pid,
+                "pid_start_ticks": None,
+                "started_at": 0.0,
+                "tunnel": "",
+                "state": "serving",
+            }
+            (home / "state.json").write_text(json.dumps({"version": 1, "sessions": [record]}))
+
+            result = run(folder, environment, "down", "api")
+
+            assert result.returncode == 0, result.stderr
+            assert "it is not signalled" in result.stdout
+            assert bystander.poll() is None
+            assert state_records(environment) == []
+        finally:
+            bystander.kill()
+            bystander.wait()
+
+    def test_record_changed_between_reads(self, tmp_path: Path) -> None:
+        """A record that `up` updates while `down` reads it is not counted as another service."""
+        # A stand-in for `up` whose SIGTERM ends it; the real `up` is not needed to compare records.
+        owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            store = StateStore(tmp_path)
+            record = SessionRecord(
+                user="alice",
+                service="api",
+                local_port=8000,
+                bastion_port=20000,
+                session_id="s1",
+                pid=owner.pid,
+                pid_start_ticks=process_start_ticks(owner.pid),
+                started_at=time.time(),
+                tunnel="t",
+                state="serving",
+            )
+            store.add(attrs.evolve(record, last_error="12:00:00 SSH connection lost"))
+
+            output = io.StringIO()
+            with contextlib.redirect_stdout(output):
+                asyncio.run(_stop_owner(store, owner.pid, [record]))
+
+            assert f"Stopped `ephemwork up` (pid {owner.pid}) for alice:api." in output.getvalue()
+            assert "still serves" not in output.getvalue()
+        finally:
+            owner.kill()
+            owner.wait()
 
 
 class TestSecondUp:

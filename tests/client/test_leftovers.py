@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ephemwork.client import processgroup, state
 from ephemwork.client.leftovers import (
     MARKER_ENV_VAR,
     recorded_group_alive,
@@ -79,3 +81,15 @@ class TestRecordedGroup:
         assert not recorded_group_alive(family.pid, 1, "other")
         assert await stop_recorded_group(family.pid, 1, "abc123", 2.0)
         assert group_members(family.pid) == []
+
+    def test_without_proc(
+        self, family: subprocess.Popen[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without /proc, as on macOS, the leader's start time comes from ps."""
+        monkeypatch.setattr(processgroup, "PROC_ROOT", tmp_path / "no-proc")
+        monkeypatch.setattr(state, "PROC_ROOT", tmp_path / "no-proc")
+        ticks = process_start_ticks(family.pid)
+        assert ticks is not None
+
+        assert recorded_group_alive(family.pid, ticks, "abc123")
+        assert not recorded_group_alive(family.pid, ticks + 1, "abc123")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from ephemwork.client import state
 from ephemwork.client.state import (
     SessionRecord,
     StateStore,
@@ -30,7 +31,7 @@ def _record(service: str = "api", pid: int | None = None, **changes: object) -> 
         "bastion_port": 20001,
         "session_id": f"session-{service}",
         "pid": os.getpid() if pid is None else pid,
-        "pid_start_ticks": process_start_ticks(os.getpid()) if pid is None else None,
+        "pid_start_ticks": process_start_ticks(os.getpid() if pid is None else pid),
         "started_at": 1700000000.0,
         "tunnel": "ssh alice@127.0.0.1:2222",
         "state": "serving",
@@ -253,6 +254,19 @@ class TestProcessIdentity:
     def test_dead_pid(self) -> None:
         """A pid whose process has exited is not alive."""
         assert not is_process_alive(_dead_pid(), None)
+
+    def test_unknown_start_not_ours(self) -> None:
+        """A live pid without a recorded start time is not provably the recorded process."""
+        assert not is_process_alive(os.getpid(), None)
+
+    def test_without_proc(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without /proc, as on macOS, the start time comes from ps and still tells pids apart."""
+        monkeypatch.setattr(state, "PROC_ROOT", tmp_path / "no-proc")
+        ticks = process_start_ticks(os.getpid())
+        assert ticks is not None
+
+        assert is_process_alive(os.getpid(), ticks)
+        assert not is_process_alive(os.getpid(), ticks + 1)
 
     @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
     def test_reused_pid(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import sys
 import textwrap
 import threading
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from ephemwork.client.processgroup import group_alive
+from ephemwork.client import processgroup
+from ephemwork.client.processgroup import group_alive, group_members
 from ephemwork.client.supervisor import DevServer, OutputRelay
 from ephemwork.config import ServiceConfig
 from ephemwork.errors import DevServerError
@@ -189,6 +191,59 @@ class TestRunAndStop:
         await server.wait_closed()
 
         assert not group_alive(pgid)
+
+    async def test_reap_stops_running(self, tmp_path: Path) -> None:
+        """reap() stops a shell that still runs, so start() can run the command again."""
+        server = DevServer(_service(run_command="sleep 30"), tmp_path, output=io.StringIO())
+        async with server:
+            await server.start()
+            first = server.pid
+            assert first is not None
+
+            await server.reap()
+            await server.start()
+
+            assert not group_alive(first)
+            assert server.pid != first
+
+    async def test_reap_stops_leftover_child(self, tmp_path: Path) -> None:
+        """reap() after the shell exited stops the child it left in the group."""
+        # The child leaves the pipes, so it outlives the shell whatever asyncio does with them.
+        service = _service(run_command="sleep 30 >/dev/null 2>&1 & exit 3")
+
+        async with DevServer(service, tmp_path, output=io.StringIO()) as server:
+            await server.start()
+            await server.wait_exited()
+            pgid = server.pid
+            assert pgid is not None
+            await wait_until(lambda: bool(group_members(pgid)), "the child runs")
+
+            await server.reap()
+
+            assert not group_alive(pgid)
+
+    async def test_stop_after_exit_signals_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """stop() after the shell exited and was reaped sends no signal to its old group id."""
+        signals: list[tuple[int, int]] = []
+        real_killpg = os.killpg
+
+        def spy(pgid: int, signum: int) -> None:
+            signals.append((pgid, signum))
+            real_killpg(pgid, signum)
+
+        monkeypatch.setattr(processgroup.os, "killpg", spy)
+        server = DevServer(_service(run_command="exit 3"), tmp_path, output=io.StringIO())
+        async with server:
+            await server.start()
+            await server.wait_exited()
+            await server.reap()
+            signals.clear()
+
+            await server.stop()
+
+        assert [entry for entry in signals if entry[1] != 0] == []
 
 
 class TestWaitHealthy:

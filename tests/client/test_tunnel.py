@@ -10,8 +10,15 @@ import aiohttp
 import asyncssh
 import pytest
 
+from ephemwork.client import tunnel
 from ephemwork.client.control import ControlClient
-from ephemwork.client.tunnel import Route, TunnelTarget, connect, curl_hint
+from ephemwork.client.tunnel import (
+    Route,
+    TunnelTarget,
+    connect,
+    cpu_has_aes_instructions,
+    curl_hint,
+)
 from ephemwork.errors import ControlAPIError, TunnelError
 from ephemwork.wire import RouteKey
 
@@ -154,6 +161,26 @@ class TestRoute:
         assert (request.user, request.service) == ("alice", "api")
         assert request.client == "test laptop"
         assert request.takeover is True
+        assert request.replaces_session_id is None
+
+    async def test_takeover_names_replaced_session(
+        self,
+        ssh_conn: asyncssh.SSHClientConnection,
+        control_api: FakeControlAPI,
+        dev_server: int,
+    ) -> None:
+        """A takeover sends the replaced session's id; a plain registration never does."""
+        control = ControlClient(ssh_conn, control_api.port)
+
+        async with Route(
+            ssh_conn, control, KEY, dev_server, "laptop", takeover=True, replaces_session_id="s-old"
+        ):
+            pass
+        async with Route(ssh_conn, control, KEY, dev_server, "laptop", replaces_session_id="s-2"):
+            pass
+
+        assert control_api.register_requests[0].replaces_session_id == "s-old"
+        assert control_api.register_requests[1].replaces_session_id is None
 
     async def test_route_taken(
         self,
@@ -333,6 +360,57 @@ class TestRoute:
 
         async with asyncio.timeout(5):
             await route.wait_lost()
+
+
+class TestCiphers:
+    async def test_aes_gcm_first(
+        self, make_target: Callable[..., TunnelTarget], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With AES instructions the connection negotiates AES-GCM."""
+        monkeypatch.setattr(tunnel, "cpu_has_aes_instructions", lambda: True)
+        conn = await connect(make_target())
+
+        assert conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+        conn.close()
+        await conn.wait_closed()
+
+    async def test_default_without_aes(
+        self, make_target: Callable[..., TunnelTarget], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without AES instructions asyncssh's own order applies, chacha20 first."""
+        monkeypatch.setattr(tunnel, "cpu_has_aes_instructions", lambda: False)
+        conn = await connect(make_target())
+
+        assert conn.get_extra_info("send_cipher") == "chacha20-poly1305@openssh.com"
+        conn.close()
+        await conn.wait_closed()
+
+
+class TestCpuHasAesInstructions:
+    def test_x86_flag(self, tmp_path: Path) -> None:
+        """An x86 flags line with aes counts."""
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+
+        assert cpu_has_aes_instructions(cpuinfo)
+
+    def test_arm_feature(self, tmp_path: Path) -> None:
+        """An ARM Features line with aes counts."""
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text("Features\t: fp asimd aes pmull sha1\n")
+
+        assert cpu_has_aes_instructions(cpuinfo)
+
+    def test_similar_flag_only(self, tmp_path: Path) -> None:
+        """Flags that only contain the letters aes, such as vaes alone, do not count."""
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text("flags\t\t: fpu sse2 vaes\n")
+
+        assert not cpu_has_aes_instructions(cpuinfo)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """Without /proc/cpuinfo, as on macOS, the answer is no."""
+        assert not cpu_has_aes_instructions(tmp_path / "absent")
 
 
 class TestCurlHint:

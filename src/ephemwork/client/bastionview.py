@@ -59,14 +59,17 @@ class BastionView:
     # The error that kept the bastion from replying, or "" when it replied.
     error: str
     sessions: list[Session]
-    # Probe results by session id.
+    # Probe results by route header value; the bastion lists sessions without their ids.
     probes: dict[str, ProbeResult]
 
 
 async def inspect_bastion(
-    endpoint: BastionEndpoint, user: str, probe_session_ids: Sequence[str]
+    endpoint: BastionEndpoint, user: str, probe_routes: Sequence[str]
 ) -> BastionView:
-    """List *user*'s sessions on the bastion, and probe each of *probe_session_ids* it holds."""
+    """List *user*'s sessions on the bastion, and probe each route of *probe_routes* it holds.
+
+    *probe_routes* are ``X-Ephemwork`` header values such as ``alice:api``.
+    """
     target = target_of(endpoint)
     try:
         conn = await connect(target)
@@ -83,10 +86,9 @@ async def inspect_bastion(
 
         probes = {}
         for session in listing.sessions:
-            if session.session_id in probe_session_ids:
-                probes[session.session_id] = await probe_route(
-                    conn, endpoint.proxy_port, session.route.header_value
-                )
+            route = session.route.header_value
+            if route in probe_routes:
+                probes[route] = await probe_route(conn, endpoint.proxy_port, route)
         return BastionView(reachable=True, error="", sessions=listing.sessions, probes=probes)
     finally:
         conn.close()

@@ -11,6 +11,14 @@ keepalives (every 5 s, 3 unanswered) or a reset close a broken connection within
    is still free (`Route.open` renews it, or registers again asking for the same port);
 4. reports each route that is back.
 
+Every error of the new connection is retried, including an ec2 key push that fails
+because the network is still down, except the two that retrying cannot fix: the route was
+taken over, or the bastion speaks another protocol version.
+
+``ephemwork down SERVICE`` may remove a route at any point of this. A route that finishes
+opening after its removal is closed again, and the abandoned session of a removed route is
+deregistered as soon as a connection is up.
+
 The dev servers are not touched: they keep running through all of this.
 """
 
@@ -28,7 +36,12 @@ from ephemwork.client.backoff import Backoff
 from ephemwork.client.control import ControlClient
 from ephemwork.client.forwarding import ServiceGate
 from ephemwork.client.tunnel import Route, TunnelTarget, connect
-from ephemwork.errors import ControlAPIError, ProtocolMismatchError, TunnelError
+from ephemwork.errors import (
+    ControlAPIError,
+    EphemworkError,
+    ProtocolMismatchError,
+    TunnelError,
+)
 from ephemwork.wire import RouteKey, Session
 
 log = structlog.get_logger()
@@ -46,6 +59,8 @@ class _RouteSpec:
     key: RouteKey
     local_port: int
     gate: ServiceGate | None
+    # The session of a previous `up` that --takeover replaces, as proof for the bastion.
+    replaces_session_id: str | None = None
     session: Session | None = None
 
 
@@ -74,6 +89,9 @@ class Link:
     _watcher: _LossWatcher | None
     _specs: dict[RouteKey, _RouteSpec]
     _routes: dict[RouteKey, Route]
+    # Sessions of removed routes that had no live Route to deregister them, because the
+    # connection was down; the next connection deregisters them.
+    _orphans: list[tuple[RouteKey, Session]]
     _routes_changed: asyncio.Event
     _backoff: Backoff
 
@@ -97,6 +115,7 @@ class Link:
         self._watcher = None
         self._specs = {}
         self._routes = {}
+        self._orphans = []
         self._routes_changed = asyncio.Event()
         self._backoff = Backoff(RECONNECT_BASE, RECONNECT_CAP)
 
@@ -115,10 +134,18 @@ class Link:
         self._conn = await self._open_connection()
 
     async def add_route(
-        self, key: RouteKey, local_port: int, gate: ServiceGate | None = None
+        self,
+        key: RouteKey,
+        local_port: int,
+        gate: ServiceGate | None = None,
+        *,
+        replaces_session_id: str | None = None,
     ) -> Session:
-        """Register *key* and open its reverse forward to *local_port* on this laptop."""
-        spec = _RouteSpec(key, local_port, gate)
+        """Register *key* and open its reverse forward to *local_port* on this laptop.
+
+        With ``takeover``, *replaces_session_id* names the live session being replaced.
+        """
+        spec = _RouteSpec(key, local_port, gate, replaces_session_id)
         self._specs[key] = spec
         try:
             await self._open_route(spec, takeover=self._takeover)
@@ -129,13 +156,26 @@ class Link:
         return spec.session
 
     async def remove_route(self, key: RouteKey) -> None:
-        """Deregister *key* and close its forward; the other routes stay."""
-        self._specs.pop(key, None)
+        """Deregister *key* and close its forward; the other routes stay.
+
+        During a reconnect *key* may have no live `Route`: its session is then deregistered
+        directly, or by the next connection when none is up.
+        """
+        spec = self._specs.pop(key, None)
         route = self._routes.pop(key, None)
         self._routes_changed.set()
         if route is not None:
             route.close()
             await route.wait_closed()
+            return
+
+        if spec is None or spec.session is None:
+            return
+        log.info("link.route_removed_without_route", route=str(key), connected=self.connected)
+        if self.connected:
+            await self._deregister_session(key, spec.session)
+        else:
+            self._orphans.append((key, spec.session))
 
     async def run(self) -> None:
         """Hold the routes, reconnecting after every lost connection; return never.
@@ -203,10 +243,21 @@ class Link:
             spec.local_port,
             self._client,
             takeover=takeover,
+            replaces_session_id=spec.replaces_session_id,
             gate=spec.gate,
         )
         session = await route.open(previous=spec.session)
         spec.session = session
+        if self._specs.get(spec.key) is not spec:
+            # remove_route ran while open() waited on the bastion, and found no Route to close.
+            log.info(
+                "link.route_removed_while_opening",
+                route=str(spec.key),
+                session_id=session.session_id,
+            )
+            route.close()
+            await route.wait_closed()
+            return
         self._routes[spec.key] = route
         self._routes_changed.set()
         self._on_session(spec.key, session)
@@ -258,14 +309,20 @@ class Link:
 
     async def _reconnect(self) -> None:
         self._backoff.reset()
+        last_problem = None
         while True:
             try:
                 self._conn = await self._open_connection()
+                await self._deregister_orphans()
                 for spec in list(self._specs.values()):
-                    await self._open_route(spec, takeover=False)
+                    # remove_route may have dropped it while an earlier route was opening.
+                    if self._specs.get(spec.key) is spec:
+                        await self._open_route(spec, takeover=False)
             except ProtocolMismatchError:
                 raise
-            except (TunnelError, ControlAPIError) as exc:
+            except EphemworkError as exc:
+                # Any other error may be the network still coming back: an ec2 key push
+                # (AwsSetupError, AwsError) fails the same way as the SSH handshake.
                 if isinstance(exc, ControlAPIError) and exc.code == "route_taken":
                     raise
                 await self._abandon_routes()
@@ -273,6 +330,11 @@ class Link:
                     self._conn.close()
                 delay = self._backoff.next_delay()
                 self._log_retry(exc, delay)
+                if str(exc) != last_problem:
+                    last_problem = str(exc)
+                    self._notify(
+                        f"Reconnecting to {self.target.description} failed: {exc} Retrying."
+                    )
                 await asyncio.sleep(delay)
                 continue
 
@@ -283,6 +345,27 @@ class Link:
             )
             return
 
+    async def _deregister_orphans(self) -> None:
+        orphans, self._orphans = self._orphans, []
+        for key, session in orphans:
+            await self._deregister_session(key, session)
+
+    async def _deregister_session(self, key: RouteKey, session: Session) -> None:
+        """Deregister a removed route's *session*; a failure is logged, the lease expires it."""
+        assert self._conn is not None
+        control = ControlClient(self._conn, self.target.control_port)
+        try:
+            await control.deregister(session.session_id)
+        except (ControlAPIError, TunnelError) as exc:
+            log.warning(
+                "link.deregister_failed",
+                route=str(key),
+                session_id=session.session_id,
+                error=str(exc),
+            )
+            return
+        log.info("link.deregistered", route=str(key), session_id=session.session_id)
+
     def _log_retry(self, error: Exception, delay: float) -> None:
         attempt = self._backoff.attempts
         # Attempts 1, 2, 4, 8, ... and then every 100th, so hours of sleep log a few lines.
@@ -291,6 +374,7 @@ class Link:
                 "link.reconnect_failed",
                 target=self.target.description,
                 attempt=attempt,
+                error_type=type(error).__name__,
                 error=str(error),
                 retry_in=round(delay, 2),
             )

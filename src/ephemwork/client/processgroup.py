@@ -2,6 +2,9 @@
 
 Zombies count as gone everywhere here: they hold no port and no CPU, and an orphaned one
 waits for init to reap it, which a container's init may take its time to do.
+
+On Linux the process lists come from /proc. Where there is none, as on macOS,
+`group_members` reads the output of ``ps`` instead.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,9 +25,23 @@ log = structlog.get_logger()
 KILL_WAIT = 5.0
 _POLL_INTERVAL = 0.05
 
+PROC_ROOT = Path("/proc")
 
-def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
-    """Return the pids of process group *pgid* that are not zombies."""
+# Seconds to wait for ``ps`` where there is no /proc.
+PS_TIMEOUT = 5.0
+
+
+def group_members(pgid: int, proc: Path | None = None) -> list[int]:
+    """Return the pids of process group *pgid* that are not zombies.
+
+    *proc* defaults to `PROC_ROOT`. Where it does not exist the list comes from ``ps``, and
+    is empty if ``ps`` fails.
+    """
+    if proc is None:
+        proc = PROC_ROOT
+    if not proc.is_dir():
+        return _group_members_from_ps(pgid)
+
     members = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -39,6 +57,30 @@ def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
     return members
 
 
+def _group_members_from_ps(pgid: int) -> list[int]:
+    try:
+        listing = subprocess.run(
+            ["ps", "-A", "-o", "pid=,pgid=,stat="],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=PS_TIMEOUT,
+            env={**os.environ, "LC_ALL": "C"},
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("process_group.ps_failed", pgid=pgid, error=str(exc))
+        return []
+
+    members = []
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) < 3 or not fields[0].isdigit() or fields[1] != str(pgid):
+            continue
+        if not fields[2].startswith("Z"):
+            members.append(int(fields[0]))
+    return members
+
+
 def group_alive(pgid: int) -> bool:
     """Return whether process group *pgid* still has a process that is not a zombie."""
     try:
@@ -48,7 +90,8 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
 
-    if not Path("/proc").is_dir():
+    if not PROC_ROOT.is_dir():
+        # killpg found the group. Without /proc, zombies are not filtered out here.
         return True
     return bool(group_members(pgid))
 

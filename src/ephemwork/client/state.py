@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ import cattrs
 import click
 import structlog
 
+from ephemwork.client.processgroup import PROC_ROOT, PS_TIMEOUT
 from ephemwork.errors import StateError
 
 log = structlog.get_logger()
@@ -76,8 +78,9 @@ class SessionRecord:
     session_id: str
     # The `ephemwork up` process that owns the tunnel.
     pid: int
-    # Start time of that process in clock ticks since boot (/proc/<pid>/stat field 22), so a
-    # reused pid is not mistaken for it; None where /proc is unavailable.
+    # Start time of that process, so a reused pid is not mistaken for it: clock ticks since
+    # boot (/proc/<pid>/stat field 22), or epoch seconds from `ps` where there is no /proc.
+    # None when neither could be read, and such a process is never signalled.
     pid_start_ticks: int | None
     # Seconds since the Unix epoch at which the session was recorded.
     started_at: float
@@ -121,9 +124,16 @@ def default_home() -> Path:
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """Return the start time of *pid* in clock ticks since boot, or None if unknown."""
+    """Return the start time of *pid*, or None if unknown.
+
+    On Linux it is in clock ticks since boot, from /proc. Where there is no /proc, as on
+    macOS, it is in seconds since the Unix epoch, from ``ps -o lstart=``. Either way it only
+    serves to compare with a value recorded earlier on the same laptop.
+    """
+    if not PROC_ROOT.is_dir():
+        return _start_seconds_from_ps(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (PROC_ROOT / str(pid) / "stat").read_text()
     except OSError:
         return None
 
@@ -136,8 +146,32 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
+def _start_seconds_from_ps(pid: int) -> int | None:
+    try:
+        output = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=PS_TIMEOUT,
+            env={**os.environ, "LC_ALL": "C"},
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("state.ps_failed", pid=pid, error=str(exc))
+        return None
+
+    # Such as "Fri Dec  4 20:50:54 2026", in the C locale and local time.
+    try:
+        return int(time.mktime(time.strptime(" ".join(output.split()), "%a %b %d %H:%M:%S %Y")))
+    except ValueError:
+        return None
+
+
 def is_process_alive(pid: int, start_ticks: int | None) -> bool:
-    """Return whether *pid* runs and, if *start_ticks* is known, is the process recorded."""
+    """Return whether *pid* runs and is provably the process recorded with *start_ticks*.
+
+    Without *start_ticks* a live *pid* cannot be told apart from an unrelated process that
+    got the same pid after a reboot, so it counts as not alive: callers then never signal it.
+    """
     if pid <= 0:
         return False
     try:
@@ -153,14 +187,26 @@ def is_process_alive(pid: int, start_ticks: int | None) -> bool:
         # terminal or test harness has not waited for it.
         return False
     if start_ticks is None:
+        return False
+    return process_start_ticks(pid) == start_ticks
+
+
+def unproven_process_runs(pid: int, start_ticks: int | None) -> bool:
+    """Return whether *pid* runs but, without *start_ticks*, cannot be proven the recorded one."""
+    if start_ticks is not None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
-    current = process_start_ticks(pid)
-    return current is None or current == start_ticks
+    return True
 
 
 def _is_zombie(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (PROC_ROOT / str(pid) / "stat").read_text()
     except OSError:
         return False
     fields_after_name = stat.rpartition(")")[2].split()

@@ -25,9 +25,10 @@ import aiohttp
 import structlog
 
 from ephemwork.client.envfile import build_environment
-from ephemwork.client.leftovers import MARKER_ENV_VAR
+from ephemwork.client.leftovers import MARKER_ENV_VAR, recorded_group_alive
 from ephemwork.client.portowner import find_port_owner, port_accepts_connections
-from ephemwork.client.processgroup import group_alive, terminate_group
+from ephemwork.client.processgroup import terminate_group
+from ephemwork.client.state import process_start_ticks
 from ephemwork.config import ServiceConfig
 from ephemwork.errors import DevServerError
 
@@ -174,6 +175,8 @@ class DevServer:
     _output: OutputRelay
     _recent: collections.deque[str]
     _process: asyncio.subprocess.Process | None
+    # Start time of the run command's shell, which leads its group, for `_group_is_ours`.
+    _leader_start_ticks: int | None
     _build_process: asyncio.subprocess.Process | None
     _relay_tasks: list[asyncio.Task[None]]
     _stop_lock: asyncio.Lock
@@ -202,6 +205,7 @@ class DevServer:
         self._output = OutputRelay(output if output is not None else sys.stdout)
         self._recent = collections.deque(maxlen=RECENT_LINES)
         self._process = None
+        self._leader_start_ticks = None
         self._build_process = None
         self._relay_tasks = []
         self._stop_lock = asyncio.Lock()
@@ -264,6 +268,7 @@ class DevServer:
         self._recent.clear()
         process = await self._spawn(command, merge_stderr=False)
         self._process = process
+        self._leader_start_ticks = process_start_ticks(process.pid)
         assert process.stdout is not None and process.stderr is not None
         self._relay_tasks = [
             self._start_relay(process.stdout, self.name),
@@ -348,16 +353,20 @@ class DevServer:
         return await self._process.wait()
 
     async def reap(self) -> None:
-        """Stop what is left of the process group of a dev server whose shell has exited.
+        """Stop the process group of the run command, so that `start` can run it again.
 
-        A crashed shell may leave a child behind that still holds the port, and a restart
-        would then fail with "address in use".
+        The shell may still run, as after a health check that timed out. Or it may have
+        exited and left behind a child that still listens on the port, so a restart would
+        fail with "address in use".
         """
-        if self._process is not None and self._process.returncode is not None:
-            if group_alive(self._process.pid):
-                await self._terminate(self._process, "leftovers")
-            await self._drain_relays(self._relay_tasks)
-            self._relay_tasks = []
+        if self._process is None:
+            return
+        if self._process.returncode is None:
+            await self._terminate(self._process, "unhealthy")
+        elif self._group_is_ours(self._process):
+            await self._terminate(self._process, "leftovers")
+        await self._drain_relays(self._relay_tasks)
+        self._relay_tasks = []
 
     def recent_output(self) -> str:
         """The last lines the dev server printed, as text for a message."""
@@ -372,8 +381,10 @@ class DevServer:
 
             if self._build_process is not None:
                 await self._terminate(self._build_process, "build")
-            if self._process is not None:
+            if self._process is not None and self._process.returncode is None:
                 await self._terminate(self._process, "run")
+            elif self._process is not None and self._group_is_ours(self._process):
+                await self._terminate(self._process, "leftovers")
             await self._drain_relays(self._relay_tasks)
 
     def close(self) -> None:
@@ -518,6 +529,18 @@ class DevServer:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return None
+
+    def _group_is_ours(self, process: asyncio.subprocess.Process) -> bool:
+        """Return whether the group of the exited, reaped *process* still has our processes.
+
+        Once the shell is reaped its pid, and so the group id, may belong to another process
+        group (a restart backoff lasts up to 30 s), so a group is signalled only when
+        `recorded_group_alive` proves it is this dev server's.
+        """
+        ours = recorded_group_alive(process.pid, self._leader_start_ticks, self.marker)
+        if not ours:
+            log.debug("dev_server.group_gone", service=self.name, pgid=process.pid)
+        return ours
 
     async def _terminate(self, process: asyncio.subprocess.Process, role: str) -> None:
         pgid = process.pid

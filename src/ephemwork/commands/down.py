@@ -13,7 +13,12 @@ import click
 import structlog
 
 from ephemwork.client.stale import clean_stale_record
-from ephemwork.client.state import SessionRecord, StateStore, is_process_alive
+from ephemwork.client.state import (
+    SessionRecord,
+    StateStore,
+    is_process_alive,
+    unproven_process_runs,
+)
 from ephemwork.commands.stop import DOWN_SIGNAL
 from ephemwork.errors import StateError
 from ephemwork.identity import resolve_user, validate_name
@@ -62,19 +67,26 @@ async def _stop_owner(store: StateStore, pid: int, records: list[SessionRecord])
 
     if not is_process_alive(pid, first.pid_start_ticks):
         log.info("down.stale_record", routes=routes, pid=pid)
-        click.echo(
-            f"`ephemwork up` (pid {pid}) for {routes} is no longer running; cleaning up after it."
-        )
+        if unproven_process_runs(pid, first.pid_start_ticks):
+            click.echo(unproven_message(pid, routes))
+        else:
+            click.echo(
+                f"`ephemwork up` (pid {pid}) for {routes} is no longer running; "
+                "cleaning up after it."
+            )
         for record in records:
             await clean_stale_record(record, click.echo)
             store.remove(record.user, record.service)
         click.echo(f"Removed the local record of {routes}.")
         return
 
+    # By route, not by whole record: `up` may change a record's state or last_error
+    # between the two reads.
+    requested = {(record.user, record.service) for record in records}
     others = [
         record.header_value
         for record in store.list_records()
-        if record.pid == pid and record not in records
+        if record.pid == pid and (record.user, record.service) not in requested
     ]
     if others:
         await _stop_services(store, pid, records, others)
@@ -120,6 +132,15 @@ async def _stop_services(
 
     click.echo(
         f"Stopped {routes} in `ephemwork up` (pid {pid}); it still serves {', '.join(others)}."
+    )
+
+
+def unproven_message(pid: int, routes: str) -> str:
+    """Return the message for a live *pid* whose record has no start time to prove it ours."""
+    return (
+        f"Process {pid} is running, but its start time was not recorded, so ephemwork cannot "
+        f"tell whether it is the `ephemwork up` that served {routes}; it is not signalled. "
+        f"Cleaning up the record. If pid {pid} is that `up`, stop it with `kill {pid}`."
     )
 
 

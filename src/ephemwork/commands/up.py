@@ -38,9 +38,11 @@ from ephemwork.client.state import (
     StateStore,
     is_process_alive,
     process_start_ticks,
+    unproven_process_runs,
 )
 from ephemwork.client.supervisor import DevServer
 from ephemwork.client.tunnel import TunnelTarget, client_description, curl_hint
+from ephemwork.commands.down import unproven_message
 from ephemwork.commands.stop import StopRequested, StopSignal
 from ephemwork.config import Config, LocalTunnel, ServiceConfig, load_config
 from ephemwork.errors import DevServerError, StateError
@@ -104,9 +106,12 @@ async def _serve(
 ) -> None:
     keys = {service.name: RouteKey(user, service.name) for service in services}
 
+    replaced: dict[str, str | None] = {}
     async with contextlib.AsyncExitStack() as stack:
         for service in services:
-            await _claim(store, keys[service.name], service, stop, takeover=takeover)
+            replaced[service.name] = await _claim(
+                store, keys[service.name], service, stop, takeover=takeover
+            )
             stack.callback(store.remove, user, service.name)
 
         if isinstance(config.tunnel, LocalTunnel):
@@ -145,7 +150,14 @@ async def _serve(
         for service in services:
             key = keys[service.name]
             gates[service.name] = ServiceGate(service.name, service.port)
-            session = await stop.race(link.add_route(key, service.port, gates[service.name]))
+            session = await stop.race(
+                link.add_route(
+                    key,
+                    service.port,
+                    gates[service.name],
+                    replaces_session_id=replaced[service.name],
+                )
+            )
             progress.routes.append(key.header_value)
             log.info(
                 "route.ready",
@@ -273,7 +285,14 @@ class _Holder:
         del self._services[name]
         error = task.exception() if not task.cancelled() else None
         if error is not None and not isinstance(error, DevServerError):
-            raise error
+            # A bug in the restart loop must not end `up` with a traceback. The other
+            # services keep running, and this one stops like a dev server that failed.
+            log.error("service.restart_loop_failed", service=name, exc_info=error)
+            error = DevServerError(
+                f"{name}: restarting the dev server failed unexpectedly ({error!r}), so its "
+                "route is closed. Run `ephemwork up` again; if this repeats, report it with "
+                "the output above."
+            )
 
         key = RouteKey(self._user, name)
         await self._link.remove_route(key)
@@ -300,14 +319,22 @@ class _Holder:
 
 async def _claim(
     store: StateStore, key: RouteKey, service: ServiceConfig, stop: StopSignal, *, takeover: bool
-) -> None:
-    """Record ``key`` as served by this process, stopping a previous ``up`` with --takeover."""
+) -> str | None:
+    """Record ``key`` as served by this process, stopping a previous ``up`` with --takeover.
+
+    Returns the session id of the previous ``up``, if local state recorded one: the bastion
+    accepts a takeover of a live session only with that id.
+    """
     existing = store.get(key.user, key.service)
+    previous_session_id = (existing.session_id or None) if existing is not None else None
     if existing is not None and not is_process_alive(existing.pid, existing.pid_start_ticks):
-        click.echo(
-            f"`ephemwork up` (pid {existing.pid}) for {key.header_value} is no longer running; "
-            "cleaning up after it."
-        )
+        if unproven_process_runs(existing.pid, existing.pid_start_ticks):
+            click.echo(unproven_message(existing.pid, key.header_value))
+        else:
+            click.echo(
+                f"`ephemwork up` (pid {existing.pid}) for {key.header_value} is no longer "
+                "running; cleaning up after it."
+            )
         await stop.race(clean_stale_record(existing, click.echo))
     elif existing is not None:
         if not takeover:
@@ -333,6 +360,7 @@ async def _claim(
             state="starting",
         )
     )
+    return previous_session_id
 
 
 async def _stop_process(record: SessionRecord) -> None:
