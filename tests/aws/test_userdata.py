@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from ephemwork import cli
 from ephemwork.aws.userdata import (
     UserDataInputs,
     render_sshd_drop_in,
@@ -111,6 +113,26 @@ class TestSystemdUnit:
     def test_restarts_on_failure(self) -> None:
         """The unit restarts serve-bastion when it fails."""
         assert "Restart=on-failure" in render_systemd_unit(INPUTS)
+
+    def test_exec_start_parses(self) -> None:
+        """ExecStart's serve-bastion arguments are accepted by the CLI, ALB peers trusted."""
+        exec_start = next(
+            line.removeprefix("ExecStart=")
+            for line in render_systemd_unit(INPUTS).splitlines()
+            if line.startswith("ExecStart=")
+        )
+        arguments = shlex.split(exec_start)[2:]
+        assert arguments[0] == "serve-bastion"
+
+        command = cli.main.commands["serve-bastion"]
+        context = command.make_context("serve-bastion", arguments[1:])
+
+        assert context.params["trusted_proxies"] == (
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+        )
+        assert context.params["control_listen"] == ("127.0.0.1", 7070)
 
     def test_verified(self, tmp_path: Path) -> None:
         """systemd-analyze verify accepts the unit, with ExecStart's Python made local."""
