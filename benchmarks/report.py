@@ -45,6 +45,8 @@ class Results:
     nodelay: list[NodelayRow] = attrs.field(factory=list)
     # path -> process -> percent of one CPU while wrk ran uvicorn c16
     cpu_shares: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    # path -> requests per second of that same wrk run
+    cpu_rates: dict[str, float] = attrs.field(factory=dict)
     profiles: dict[str, ProfileSummary] = attrs.field(factory=dict)
     memory: dict[str, dict[str, float]] = attrs.field(factory=dict)
     zipapp: dict[str, float] = attrs.field(factory=dict)
@@ -195,12 +197,11 @@ def _lever_table(results: Results) -> str:
     header = " | ".join(f"{load} req/s | {load} p99 ms" for load in loads if "bulk" not in load)
     lines = [
         "## Levers, each measured alone on the ephemwork path\n",
-        "Set by `benchmarks/launch.py` without changing `src/`: `uvloop` (event loop, both "
-        "processes), `quiet` (`--log-level warning`: no per-request log line), `aesgcm` "
-        "(asyncssh offers AES-GCM first), `window` (asyncssh window 8 MiB, packet 256 KiB), "
-        "`nopty` (no idle pty, so sshd leaves Nagle on), `nopool` (no keep-alive to the "
-        "tunnel port), `combined` (uvloop, quiet, aesgcm). Percentages are the median "
-        "per-round change against `baseline`.\n",
+        "Set by `benchmarks/launch.py` without changing `src/`: `quiet` (`--log-level warning`: no "
+        "per-request log line), `nopty` (no idle pty, so sshd leaves Nagle on), `nopool` "
+        "(no keep-alive to the tunnel port), and `before` (`src/` of the revision given to "
+        "`--compare`, unchanged). Percentages are the median per-round change against "
+        "`baseline`.\n",
         f"| variant | {header} | bulk MiB/s |",
         "|---|" + "--:|" * (2 * len([x for x in loads if "bulk" not in x]) + 1),
     ]
@@ -238,7 +239,7 @@ def _targets(results: Results) -> str:
         verdict = "met" if met else "MISSED"
         rows.append(f"| {name} | {value:,.2f}{unit} | {bound} {limit:g}{unit} | {verdict} |")
 
-    for variant in (EPHEMWORK, "ephemwork combined"):
+    for variant in (EPHEMWORK, "ephemwork quiet"):
         label = variant.removeprefix("ephemwork ")
         for load in ("uvicorn c16", "fast c16"):
             check(
@@ -327,6 +328,24 @@ def _cpu_table(results: Results) -> str:
     for path, shares in results.cpu_shares.items():
         cells = [_fmt(shares.get(role)) for role in roles]
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    if not results.cpu_rates:
+        return "\n".join(lines) + "\n"
+
+    lines += [
+        "\nThe same run as CPU time per request, an estimate: the share of one CPU divided "
+        "by the run's requests per second. The share is taken over a window slightly longer "
+        "than wrk's 3 s, so the figures are a few percent low.\n",
+        "| path | req/s | " + " | ".join(f"{role} µs" for role in roles) + " | sum µs |",
+        "|---|--:|" + "--:|" * (len(roles) + 1),
+    ]
+    for path, shares in results.cpu_shares.items():
+        rate = results.cpu_rates.get(path)
+        if not rate:
+            continue
+        per_request = {role: 1e4 * share / rate for role, share in shares.items()}
+        cells = [_fmt(per_request.get(role)) for role in roles]
+        cells.append(_fmt(sum(per_request.values())))
+        lines.append(f"| {path} | {rate:,.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -190,13 +191,17 @@ def start_ephemwork(
     *,
     name: str,
     start_up: bool = True,
+    source: Path | None = None,
 ) -> Ephemwork:
-    """Start ``serve-bastion`` and, if *start_up*, ``ephemwork up fast uvicorn``."""
+    """Start ``serve-bastion`` and, if *start_up*, ``ephemwork up fast uvicorn``.
+
+    *source* is the ``src`` folder to run ephemwork from; None means the harness's default.
+    """
     proxy_port, control_port = free_ports(2)
     low, high = free_port_range(200)
     folder = work / f"ephemwork-{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    env = ephemwork_env(folder, levers)
+    env = ephemwork_env(folder, levers, source)
 
     bastion = processes.start(
         f"bastion-{name}",
@@ -296,27 +301,40 @@ def register_sessions(control_port: int, user: str, count: int) -> None:
             response.read()
 
 
-def ephemwork_env(folder: Path, levers: str) -> dict[str, str]:
+def ephemwork_env(folder: Path, levers: str, source: Path | None = None) -> dict[str, str]:
     """Return the environment for ephemwork commands with their own home and *levers*."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("EPHEMWORK_")}
     env["EPHEMWORK_HOME"] = str(folder / "home")
     env["EPHEMWORK_USER"] = EPHEMWORK_USER
     env["EPHEMWORK_BENCH_LEVERS"] = levers
-    env["PYTHONPATH"] = str(source_dir)
+    env["PYTHONPATH"] = str(source or source_dir)
     return env
 
 
 def use_source(revision: str, work: Path) -> Path:
     """Export ``src/`` of git *revision* into *work* and run ephemwork from there."""
     global source_dir
+    source_dir = export_source(revision, work)
+    return source_dir
+
+
+def use_worktree_copy(work: Path) -> Path:
+    """Copy ``src/`` of the working tree into *work* and run ephemwork from there."""
+    global source_dir
+    source_dir = work / "source-worktree" / "src"
+    shutil.copytree(REPO_ROOT / "src", source_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    return source_dir
+
+
+def export_source(revision: str, work: Path) -> Path:
+    """Export ``src/`` of git *revision* into *work* and return the exported ``src`` folder."""
     archive = subprocess.run(
         ["git", "archive", revision, "src"], cwd=REPO_ROOT, capture_output=True, check=True
     ).stdout
     export = work / f"source-{revision}"
     export.mkdir()
     subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
-    source_dir = export / "src"
-    return source_dir
+    return export / "src"
 
 
 def _ssh_argv(sshd: SshdServer) -> list[str]:

@@ -271,6 +271,14 @@ async def status(config_path: Path | None, as_json: bool) -> None:
     show_default=True,
     help="Concurrent proxy connections one client address may hold.",
 )
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="CIDR",
+    help="Load balancer address or subnet whose X-Forwarded-For names the client for "
+    "--max-connections-per-client; repeatable. Default: none, so the cap counts the peer.",
+)
 @run_async
 async def serve_bastion(
     listen: tuple[str, int],
@@ -290,9 +298,10 @@ async def serve_bastion(
     read_timeout: float,
     websocket_idle_timeout: float,
     max_connections_per_client: int,
+    trusted_proxies: tuple[str, ...],
 ) -> None:
     """Run the bastion: header proxy, control API and session registry."""
-    from ephemwork.bastion.connections import ConnectionLimits
+    from ephemwork.bastion.connections import ConnectionLimits, parse_trusted_proxy
     from ephemwork.bastion.proxy import ProxyTimeouts
     from ephemwork.bastion.server import BastionOptions, serve_bastion
     from ephemwork.home import ephemwork_home
@@ -301,6 +310,10 @@ async def serve_bastion(
         state_dir = ephemwork_home() / "bastion" if dev else Path("/var/lib/ephemwork")
     if dev and authorized_keys is None:
         authorized_keys = ephemwork_home() / "authorized_keys"
+    try:
+        trusted_networks = tuple(parse_trusted_proxy(value) for value in trusted_proxies)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--trusted-proxy'") from None
 
     options = BastionOptions(
         state_dir=state_dir,
@@ -319,6 +332,7 @@ async def serve_bastion(
             header_timeout=header_timeout,
             keepalive_timeout=keepalive_timeout,
             max_per_client=max_connections_per_client,
+            trusted_proxies=trusted_networks,
         ),
         cors_allow_origins=cors_allow_origins,
     )

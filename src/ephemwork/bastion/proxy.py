@@ -3,8 +3,9 @@
 Each request is checked, its route selected (header, then ``baggage``, then cookie; see
 `ephemwork.bastion.routing`), looked up in the in-memory registry and streamed to
 ``http://127.0.0.1:<port>``, the bastion end of the laptop's reverse SSH forward. Bodies
-are relayed chunk by chunk in both directions with no buffering of a whole body, and
-``await response.write`` waits for the client to drain before the next chunk is read.
+are relayed chunk by chunk in both directions, and ``await response.write`` waits for the
+client to drain before the next chunk is read. The one exception is a response body with a
+Content-Length of at most 64 KiB, which is read whole and sent with the headers in one write.
 A GET with ``Upgrade: websocket`` is relayed frame by frame (`ephemwork.bastion.websocket`),
 and the caller's 101 carries the end-to-end headers of the dev server's 101, such as
 Set-Cookie.
@@ -36,7 +37,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ephemwork.bastion.cookies import route_cookie, split_route_parameter
+from ephemwork.bastion.cookies import (
+    route_cookie,
+    same_origin_location,
+    split_route_parameter,
+)
 from ephemwork.bastion.cors import (
     OriginAllowlist,
     actual_response_headers,
@@ -55,7 +60,7 @@ from ephemwork.bastion.validation import (
     ALLOWED_METHODS,
     FramingError,
     check_request_framing,
-    invalid_header_bytes,
+    invalid_response_header,
     upgrade_protocols,
 )
 from ephemwork.bastion.websocket import MAX_MESSAGE_SIZE, relay_websocket
@@ -80,9 +85,11 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 
-# aiohttp sends "100 Continue" itself before the handler reads the body, so the tunnel
-# must not wait for a second interim response.
-_DROPPED_REQUEST_HEADERS = frozenset({"host", "expect"})
+# Request headers not passed on as they are. aiohttp sends "100 Continue" itself before
+# the handler reads the body, so the tunnel must not wait for a second interim response
+# (Expect). X-Forwarded-For is sent again with the caller's address appended.
+_DROPPED_REQUEST_HEADERS = frozenset({"host", "expect", "x-forwarded-for"})
+_DROPPED_REQUEST_HEADERS_NO_CONNECTION = HOP_BY_HOP_HEADERS | _DROPPED_REQUEST_HEADERS
 
 # aiohttp's WebSocket client writes its own handshake headers.
 _WEBSOCKET_HANDSHAKE_HEADERS = (
@@ -98,6 +105,10 @@ _WEBSOCKET_HANDSHAKE_HEADERS = (
 # the extensions it negotiated with the caller.
 _UPGRADE_OWN_HEADERS = frozenset({"content-length", "content-type"})
 _UPGRADE_OWN_PREFIX = "sec-websocket-"
+
+# Bytes of Content-Length up to which a response is read whole and sent in one write.
+# Larger and unsized bodies (chunked, server-sent events) are relayed as they arrive.
+SMALL_BODY_MAX = 64 * 1024
 
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
@@ -158,11 +169,12 @@ def hop_by_hop_names(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froze
 
     They are the fixed set plus every name listed in the message's Connection headers.
     """
+    values = headers.getall("Connection", ())
+    if not values:
+        return HOP_BY_HOP_HEADERS
+
     listed = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-        if token.strip()
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
     }
     return HOP_BY_HOP_HEADERS | listed
 
@@ -178,12 +190,13 @@ def forwarded_request_headers(
     the load balancer terminates the browser's TLS connection. Without one, this request's
     scheme is used.
     """
-    dropped = hop_by_hop_names(headers) | _DROPPED_REQUEST_HEADERS
-    forwarded: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() in dropped or name.lower() == "x-forwarded-for":
-            continue
-        forwarded.add(name, value)
+    if "Connection" in headers:
+        dropped = hop_by_hop_names(headers) | _DROPPED_REQUEST_HEADERS
+    else:
+        dropped = _DROPPED_REQUEST_HEADERS_NO_CONNECTION
+    forwarded: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in headers.items() if name.lower() not in dropped
+    )
 
     chain = [value.strip() for value in headers.getall("X-Forwarded-For", []) if value.strip()]
     if remote:
@@ -196,12 +209,10 @@ def forwarded_request_headers(
     return forwarded
 
 
-def relayed_response_headers(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
-    """Yield the tunnel's response headers minus hop-by-hop ones, repeats kept in order."""
+def relayed_response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """Return the tunnel's response headers minus hop-by-hop ones, repeats kept in order."""
     dropped = hop_by_hop_names(headers)
-    for name, value in headers.items():
-        if name.lower() not in dropped:
-            yield name, value
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
 def upgrade_response_headers(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
@@ -436,39 +447,22 @@ class _ProxyHandler:
             )
 
         async with upstream:
-            bad_header = invalid_header_bytes(upstream.raw_headers)
+            bad_header = invalid_response_header(upstream.raw_headers)
             if bad_header is not None:
                 return _tunnel_down(
                     request,
                     route,
                     session.port,
-                    ValueError(f"control byte in header {bad_header!r}"),
-                    f"sent a response header {bad_header.decode('latin-1')!r} with a control "
-                    "character. Check the dev server's response headers",
+                    ValueError(f"invalid response header {bad_header}"),
+                    f"sent a response header {bad_header}. Check the dev server's headers",
                 )
 
-            # The reason phrase comes from the status code: the dev server's own phrase is
-            # not passed on, so it cannot carry text a client would misread.
-            response = web.StreamResponse(status=upstream.status)
-            for name, value in relayed_response_headers(upstream.headers):
-                response.headers.add(name, value)
-            self._add_actual_cors_headers(request, response)
-
-            try:
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-            except ConnectionResetError:
-                # The caller went away; ConnectionResetError also covers aiohttp's
-                # ClientConnectionResetError for writes to a closed transport.
-                logger.debug("proxy.client_disconnected")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The status line is already sent, so the only honest signal left is to
-                # close the connection before the body's end.
-                logger.warning("proxy.tunnel_failed_mid_body", error=repr(exc))
-                if request.transport is not None:
-                    request.transport.abort()
+            headers = CIMultiDict(relayed_response_headers(upstream.headers))
+            self._add_actual_cors_headers(request, headers)
+            if _is_small_body(request.method, upstream):
+                response = await self._relay_small(request, upstream, headers)
+            else:
+                response = await self._relay_stream(request, upstream, headers, b"")
 
         logger.info(
             "proxy.request_forwarded",
@@ -478,13 +472,64 @@ class _ProxyHandler:
         )
         return response
 
-    def _add_actual_cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+    async def _relay_small(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        """Read a body of known, small size whole and send it with the headers in one write.
+
+        aiohttp 3.14's StreamResponse sends its headers as soon as it is prepared, so a
+        streamed response costs a send() for the headers and one per body chunk. A
+        web.Response sends headers and body together. On loopback each send() also runs
+        the receiver's TCP processing.
+        """
+        body = bytearray()
+        try:
+            async for chunk in upstream.content.iter_any():
+                body += chunk
+        except (aiohttp.ClientError, TimeoutError):
+            # Relay what arrived and then break the connection, as the streamed path does,
+            # so the caller sees a broken body rather than an answer of the bastion.
+            return await self._relay_stream(request, upstream, headers, bytes(body))
+
+        # The reason phrase comes from the status code: the dev server's own phrase is
+        # not passed on, so it cannot carry text a client would misread.
+        return web.Response(status=upstream.status, headers=headers, body=bytes(body))
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        received: bytes,
+    ) -> web.StreamResponse:
+        """Relay the rest of the body chunk by chunk, after *received*, as it arrives."""
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        try:
+            await response.prepare(request)
+            if received:
+                await response.write(received)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The caller went away; ConnectionResetError also covers aiohttp's
+            # ClientConnectionResetError for writes to a closed transport.
+            logger.debug("proxy.client_disconnected")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is already sent, so the only honest signal left is to
+            # close the connection before the body's end.
+            logger.warning("proxy.tunnel_failed_mid_body", error=repr(exc))
+            if request.transport is not None:
+                request.transport.abort()
+        return response
+
+    def _add_actual_cors_headers(self, request: web.Request, headers: CIMultiDict[str]) -> None:
         origin = request.headers.get("Origin")
         if origin is None or not self._cors.allows(origin):
             return
-        if "Access-Control-Allow-Origin" not in response.headers:
-            response.headers.extend(actual_response_headers(origin))
-        response.headers.add("Vary", "Origin")
+        if "Access-Control-Allow-Origin" not in headers:
+            headers.extend(actual_response_headers(origin))
+        headers.add("Vary", "Origin")
 
     async def _forward_websocket(
         self, request: web.Request, session: Session, selected: SelectedRoute
@@ -551,20 +596,19 @@ class _ProxyHandler:
             max_msg_size=MAX_MESSAGE_SIZE,
         )
         if handshake:
-            bad_header = invalid_header_bytes(handshake[0].raw_headers)
+            bad_header = invalid_response_header(handshake[0].raw_headers)
             if bad_header is not None:
                 await upstream.close()
                 return _tunnel_down(
                     request,
                     route,
                     session.port,
-                    ValueError(f"control byte in header {bad_header!r}"),
-                    f"sent a 101 header {bad_header.decode('latin-1')!r} with a control "
-                    "character. Check the dev server's response headers",
+                    ValueError(f"invalid 101 header {bad_header}"),
+                    f"sent a 101 header {bad_header}. Check the dev server's response headers",
                 )
             for name, value in upgrade_response_headers(handshake[0].headers):
                 caller.headers.add(name, value)
-        self._add_actual_cors_headers(request, caller)
+        self._add_actual_cors_headers(request, caller.headers)
         try:
             await caller.prepare(request)
             logger.info("proxy.websocket_opened", path=request.path)
@@ -588,6 +632,18 @@ class _ProxyHandler:
         return caller
 
 
+def _is_small_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
+    """Return whether the response has a body of known size up to `SMALL_BODY_MAX` bytes.
+
+    HEAD, 1xx, 204 and 304 responses stay on the streamed path, because their
+    Content-Length describes a body they do not carry.
+    """
+    length = upstream.content_length
+    if length is None or length > SMALL_BODY_MAX or method == "HEAD":
+        return False
+    return upstream.status >= 200 and upstream.status not in (204, 304)
+
+
 def _tunnel_url(request: web.Request, port: int) -> URL:
     return URL.build(
         scheme="http",
@@ -609,7 +665,7 @@ def _set_route_cookie(
         except InvalidRouteError as exc:
             return error_response(request, 400, "invalid_route", str(exc))
 
-    location = request.rel_url.raw_path + (f"?{other_parameters}" if other_parameters else "")
+    location = same_origin_location(request.rel_url.raw_path, other_parameters)
     secure = request.headers.get("X-Forwarded-Proto", request.scheme).lower() == "https"
     logger.info("proxy.route_cookie_set", cookie_route=value or None, path=request.path)
     # 307 repeats the request with its method and body, now carrying the cookie.

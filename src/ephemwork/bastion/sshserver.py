@@ -218,6 +218,9 @@ class _TunnelOnlyServer(asyncssh.SSHServer):
         )
         assert self._connection is not None
         # "localhost" would also bind ::1; one IPv4 loopback socket is what the proxy uses.
+        # NOTE: the channels of this listener get asyncssh's default window and packet size
+        # (2 MiB, 32 KiB). asyncssh 2.24 takes no sizes for forward_local_port, and the
+        # server-wide window and max_pktsize options apply to session channels only.
         return self._connection.forward_local_port(
             "127.0.0.1", listen_port, listen_host, listen_port
         )

@@ -28,7 +28,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import attrs
@@ -55,6 +55,24 @@ RENEW_RETRY_DELAY = 2.0
 # that the old connection is gone, so listening on it is retried this often, this far apart.
 FORWARD_RETRIES = 6
 FORWARD_RETRY_DELAY = 0.5
+
+# Flow-control window and maximum packet size, in bytes, for the connection's channels.
+# asyncssh's defaults (2 MiB, 32 KiB) split a response into more packets, each one an
+# encryption and a send() call.
+CHANNEL_WINDOW = 8 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 256 * 1024
+
+# AES-GCM runs in OpenSSL's AES instructions, and beats chacha20-poly1305 where the CPU
+# has them. chacha20 and aes-ctr stay in the list, so every OpenSSH server still agrees on one.
+AES_GCM_FIRST_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
+
+CPUINFO_PATH = Path("/proc/cpuinfo")
 
 
 @attrs.frozen
@@ -120,7 +138,11 @@ async def connect(
         "keepalive_interval": KEEPALIVE_INTERVAL,
         "keepalive_count_max": KEEPALIVE_COUNT_MAX,
         "connect_timeout": target.connect_timeout,
+        "window": CHANNEL_WINDOW,
+        "max_pktsize": CHANNEL_MAX_PKTSIZE,
     }
+    if cpu_has_aes_instructions():
+        options["encryption_algs"] = AES_GCM_FIRST_CIPHERS
     # asyncssh reads None as "no public key authentication", so leave it out to keep defaults.
     if target.client_keys is not None:
         options["client_keys"] = target.client_keys
@@ -140,6 +162,23 @@ async def connect(
         await _open_idle_pty(conn, target)
 
     return conn
+
+
+def cpu_has_aes_instructions(cpuinfo: Path = CPUINFO_PATH) -> bool:
+    """Return whether *cpuinfo* lists the ``aes`` flag (x86) or feature (ARM).
+
+    Returns False where the file is missing, as on macOS, so asyncssh keeps its own order.
+    """
+    try:
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features") and "aes" in value.split():
+            return True
+    return False
 
 
 def _check_files_exist(target: TunnelTarget) -> None:
@@ -231,6 +270,7 @@ class Route:
     _control: ControlClient
     _client: str
     _takeover: bool
+    _replaces_session_id: str | None
     _session: Session | None
     _lease_ttl: float
     _listener: asyncssh.SSHListener | None
@@ -249,6 +289,7 @@ class Route:
         client: str,
         *,
         takeover: bool = False,
+        replaces_session_id: str | None = None,
         gate: ServiceGate | None = None,
     ) -> None:
         self.key = key
@@ -257,6 +298,7 @@ class Route:
         self._control = control
         self._client = client
         self._takeover = takeover
+        self._replaces_session_id = replaces_session_id
         self._session = None
         self._lease_ttl = 0.0
         self._listener = None
@@ -399,6 +441,9 @@ class Route:
             client=self._client,
             preferred_port=preferred_port,
             takeover=takeover,
+            # The bastion hands a live route to another laptop only with proof that this
+            # side owned it: the session id from local state.
+            replaces_session_id=self._replaces_session_id if takeover else None,
         )
         response = await self._control.register(request)
         self._session = response.session
@@ -414,14 +459,16 @@ class Route:
 
     async def _forward(self, bastion_port: int) -> asyncssh.SSHListener:
         try:
-            if self._gate is None:
-                listener = await self._conn.forward_remote_port(
-                    "127.0.0.1", bastion_port, "127.0.0.1", self.local_port
-                )
-            else:
-                listener = await self._conn.create_server(
-                    self._gate.session_factory(self._conn), "127.0.0.1", bastion_port
-                )
+            # create_server, unlike forward_remote_port, takes the channel window and packet
+            # size; without them the forwarded channels get asyncssh's defaults, not the
+            # connection's.
+            listener = await self._conn.create_server(
+                self._session_factory(),
+                "127.0.0.1",
+                bastion_port,
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE,
+            )
         except asyncssh.ChannelListenError as exc:
             raise _PortBusyError(
                 TunnelError(
@@ -442,6 +489,19 @@ class Route:
             local_port=self.local_port,
         )
         return listener
+
+    def _session_factory(self) -> Callable[[str, int], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
+        if self._gate is not None:
+            return self._gate.session_factory(self._conn)
+
+        conn, local_port = self._conn, self.local_port
+
+        async def forward(_orig_host: str, _orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
+            # The same forwarder that asyncssh's forward_remote_port hands out.
+            forwarder = await conn.forward_connection("127.0.0.1", local_port)
+            return cast(asyncssh.SSHTCPSession[bytes], forwarder)
+
+        return forward
 
     async def _renew_until_failed(self) -> None:
         try:

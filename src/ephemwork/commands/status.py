@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
 
-from ephemwork.client.bastionview import BastionView, ProbeResult, inspect_bastion
 from ephemwork.client.state import BastionEndpoint, SessionRecord, StateStore, is_process_alive
 from ephemwork.identity import resolve_user
 from ephemwork.wire import Session
+
+if TYPE_CHECKING:
+    from ephemwork.client.bastionview import BastionView, ProbeResult
 
 COLUMNS = (
     "SERVICE",
@@ -89,20 +91,27 @@ async def _ask_bastions(
         endpoint = record.bastion
         if endpoint is None or (endpoint.in_process and not alive[id(record)]):
             continue
-        _, probe_ids = by_endpoint.setdefault(_endpoint_key(endpoint), (endpoint, []))
+        _, probe_routes = by_endpoint.setdefault(_endpoint_key(endpoint), (endpoint, []))
         if alive[id(record)] and record.session_id:
-            probe_ids.append(record.session_id)
+            probe_routes.append(record.header_value)
+
+    if not by_endpoint:
+        return {}
+
+    # Imported here because asyncssh takes about half a second to import, which `status`
+    # without sessions to ask about does not need.
+    from ephemwork.client.bastionview import inspect_bastion
 
     views = {}
-    for key, (endpoint, probe_ids) in by_endpoint.items():
-        views[key] = await inspect_bastion(endpoint, user, probe_ids)
+    for key, (endpoint, probe_routes) in by_endpoint.items():
+        views[key] = await inspect_bastion(endpoint, user, probe_routes)
     return views
 
 
 def _row(record: SessionRecord, alive: bool, views: dict[str, BastionView]) -> _Row:
     view = views.get(_endpoint_key(record.bastion)) if record.bastion is not None else None
     session = _find_session(view, record) if view is not None else None
-    probe = view.probes.get(record.session_id) if view is not None else None
+    probe = view.probes.get(record.header_value) if view is not None else None
 
     if view is None:
         bastion_state = "-"
@@ -158,19 +167,24 @@ def _overall_state(
 
 
 def _find_session(view: BastionView, record: SessionRecord) -> Session | None:
+    # The bastion lists sessions without their ids, so a session is matched by its route
+    # and port: another laptop's session for the same route holds another port.
     for session in view.sessions:
-        if session.session_id == record.session_id:
+        if (
+            session.route.header_value == record.header_value
+            and session.port == record.bastion_port
+        ):
             return session
     return None
 
 
 def _bastion_only_rows(records: list[SessionRecord], views: dict[str, BastionView]) -> list[_Row]:
     """Rows for sessions a bastion holds for this user that no local record names."""
-    known = {record.session_id for record in records}
+    known = {(record.header_value, record.bastion_port) for record in records}
     rows = []
     for view in views.values():
         for session in view.sessions:
-            if session.session_id in known:
+            if (session.route.header_value, session.port) in known:
                 continue
             rows.append(
                 _Row(
