@@ -407,14 +407,7 @@ class _ProxyHandler:
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as exc:
-            return _tunnel_down(
-                request,
-                route,
-                session.port,
-                exc,
-                f"is not connected: nothing listens on bastion port {session.port}. "
-                "Check that `ephemwork up` is still running on the laptop",
-            )
+            return _tunnel_not_connected(request, route, session.port, exc)
         except aiohttp.ClientResponseError as exc:
             # aiohttp's parser rejected the dev server's status line or headers.
             return _tunnel_down(
@@ -570,14 +563,7 @@ class _ProxyHandler:
                 f"{exc.status} instead of 101",
             )
         except aiohttp.ClientConnectorError as exc:
-            return _tunnel_down(
-                request,
-                route,
-                session.port,
-                exc,
-                f"is not connected: nothing listens on bastion port {session.port}. "
-                "Check that `ephemwork up` is still running on the laptop",
-            )
+            return _tunnel_not_connected(request, route, session.port, exc)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _tunnel_down(
                 request,
@@ -686,6 +672,19 @@ def _tunnel_down(
     logger.warning("proxy.tunnel_unavailable", error=repr(exc))
     return error_response(
         request, 502, "tunnel_unavailable", f"the laptop's tunnel for {route!r} {problem}"
+    )
+
+
+def _tunnel_not_connected(
+    request: web.Request, route: str, port: int, exc: Exception
+) -> web.Response:
+    return _tunnel_down(
+        request,
+        route,
+        port,
+        exc,
+        f"is not connected: nothing listens on bastion port {port}. "
+        "Check that `ephemwork up` is still running on the laptop",
     )
 
 
