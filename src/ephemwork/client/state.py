@@ -34,10 +34,10 @@ import structlog
 
 from ephemwork.client.processgroup import PROC_ROOT, PS_TIMEOUT
 from ephemwork.errors import StateError
+from ephemwork.home import HOME_ENV_VAR, ephemwork_home
 
 log = structlog.get_logger()
 
-HOME_ENV_VAR = "EPHEMWORK_HOME"
 STATE_FILE_NAME = "state.json"
 LOCK_FILE_NAME = "state.lock"
 STATE_FORMAT_VERSION = 1
@@ -117,10 +117,7 @@ _converter = cattrs.Converter(forbid_extra_keys=True)
 
 def default_home() -> Path:
     """Return ``$EPHEMWORK_HOME`` or ``~/.ephemwork``."""
-    configured = os.environ.get(HOME_ENV_VAR)
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".ephemwork"
+    return ephemwork_home()
 
 
 def process_start_ticks(pid: int) -> int | None:
