@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ephemwork.aws.plan import BastionSpec, destroy_plan, init_plan, render_plan
+from ephemwork.aws.plan import BastionSpec, destroy_plan, init_plan, parse_s3_uri, render_plan
 from ephemwork.errors import UsageError
 from helpers.repo import REPO_ROOT
 
@@ -98,6 +98,24 @@ class TestInitPlan:
                 alb_security_group_id="sg-0alb",
                 binary_s3_uri="https://example/ephemwork.pyz",
             )
+
+    def test_rejects_short_bucket(self) -> None:
+        """A bucket name S3 would refuse is named, with the naming rule."""
+        with pytest.raises(UsageError) as caught:
+            parse_s3_uri("s3://b/ephemwork.pyz")
+
+        assert str(caught.value) == (
+            "'s3://b/ephemwork.pyz' names the bucket 'b', which is not a valid S3 bucket name: "
+            "use 3 to 63 characters from a-z, 0-9, '.' and '-', starting and ending with a "
+            "letter or digit."
+        )
+
+    def test_parses_object_uri(self) -> None:
+        """A valid URI splits into bucket and key."""
+        assert parse_s3_uri("s3://my-artifacts/ephemwork/e.pyz") == (
+            "my-artifacts",
+            "ephemwork/e.pyz",
+        )
 
 
 class TestDestroyPlan:

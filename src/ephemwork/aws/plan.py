@@ -27,7 +27,10 @@ ROOT_VOLUME_GIB = 8
 # Instance states that still hold the bastion's name; terminated ones linger for an hour.
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 
-_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>\S+)$")
+_S3_URI = re.compile(r"^s3://(?P<bucket>[^/]*)/(?P<key>\S+)$")
+# The naming rules for general purpose buckets: 3 to 63 characters from a-z, 0-9, '.' and '-',
+# starting and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 ASSUME_ROLE_POLICY: dict[str, Any] = {
     "Version": "2012-10-17",
@@ -46,7 +49,15 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     match = _S3_URI.match(uri)
     if match is None:
         raise UsageError(f"{uri!r} is not an S3 object URI; use s3://BUCKET/PATH/ephemwork.pyz.")
-    return match["bucket"], match["key"]
+
+    bucket = match["bucket"]
+    if _BUCKET_NAME.fullmatch(bucket) is None:
+        raise UsageError(
+            f"{uri!r} names the bucket {bucket!r}, which is not a valid S3 bucket name: use 3 "
+            "to 63 characters from a-z, 0-9, '.' and '-', starting and ending with a letter "
+            "or digit."
+        )
+    return bucket, match["key"]
 
 
 def team_tags(team: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from ephemwork.client.state import (
     unproven_process_runs,
 )
 from ephemwork.commands.stop import DOWN_SIGNAL
+from ephemwork.config import load_config
 from ephemwork.errors import StateError
 from ephemwork.identity import resolve_user, validate_name
 
@@ -34,10 +35,11 @@ STOP_WAIT = 15.0
 async def run_down(config_path: Path | None, service: str | None) -> None:
     """Stop this user's ``up`` for *service*, or for every service when it is None.
 
-    *config_path* is accepted for symmetry with the other commands; ``down`` only needs the
-    local state.
+    ``down`` works from local state alone; an explicit *config_path* is still validated, so a
+    mistyped ``--config`` fails as it does for ``up``.
     """
-    del config_path
+    if config_path is not None:
+        load_config(config_path)
     if service is not None:
         validate_name("service", service)
     user = resolve_user()

@@ -16,6 +16,7 @@ import attrs
 import click
 
 from ephemwork.client.state import BastionEndpoint, SessionRecord, StateStore, is_process_alive
+from ephemwork.config import load_config
 from ephemwork.identity import resolve_user
 from ephemwork.wire import Session
 
@@ -57,8 +58,12 @@ class _Row:
 
 
 async def run_status(config_path: Path | None, *, as_json: bool) -> None:
-    """Print this user's sessions as a table, or as JSON with ``as_json``."""
-    del config_path
+    """Print this user's sessions as a table, or as JSON with ``as_json``.
+
+    The sessions come from local state; an explicit *config_path* is still validated.
+    """
+    if config_path is not None:
+        load_config(config_path)
     user = resolve_user()
     records = [record for record in StateStore().list_records() if record.user == user]
     alive = {id(record): is_process_alive(record.pid, record.pid_start_ticks) for record in records}
