@@ -10,7 +10,7 @@ import pytest
 
 from helpers.moto import FAKE_AWS_ENV, MotoServer
 from helpers.ports import find_free_port
-from helpers.repo import BUILD_PYZ_SCRIPT, PYZ_PATH, REPO_ROOT
+from helpers.repo import BUILD_PYZ_SCRIPT, PYZ_PATH, REPO_ROOT, skip_or_fail
 from helpers.sshd import (
     SshdFactory,
     SshdServer,
@@ -39,7 +39,7 @@ def sshd_factory(tmp_path: Path) -> Iterator[SshdFactory]:
         find_sshd()
         find_ssh_keygen()
     except SshdUnavailableError as exc:
-        pytest.skip(str(exc))
+        skip_or_fail(str(exc))
 
     servers: list[SshdServer] = []
 

@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from helpers.bastion_path import RequestPath, path_options
+from helpers.repo import skip_or_fail
 from helpers.sshd import SshdServer
 
 # The page's origin differs from the bastion's (127.0.0.1) by its address.
@@ -166,12 +167,12 @@ class DevTools:
 
 
 def find_chromium() -> str:
-    """Return the path of Chromium, or skip the test."""
+    """Return the path of Chromium, or skip the test (fail it under CI)."""
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
         if path is not None:
             return path
-    pytest.skip("chromium is not installed; scripts/test.sh installs the Debian package chromium")
+    skip_or_fail("chromium is not installed; scripts/test.sh installs the Debian package chromium")
 
 
 @pytest.fixture
