@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -30,6 +29,7 @@ from helpers.cli import RunningCommand, ephemwork_argv
 from helpers.ports import find_free_port
 from helpers.processes import live_group_members
 from helpers.sshd import SshdServer
+from helpers.tunnels import poll, sshd_tunnel_table
 from test_end_to_end import commands, environment, get, start_bastion
 
 FAMILY_SERVER = """
@@ -84,20 +84,6 @@ def local_tunnel() -> tuple[str, int]:
     return f'[tunnel]\ntype = "local"\nproxy_port = {proxy_port}\n', proxy_port
 
 
-def ssh_tunnel(sshd: SshdServer, control_port: int, proxy_port: int) -> str:
-    return (
-        "[tunnel]\n"
-        'type = "ssh"\n'
-        'host = "127.0.0.1"\n'
-        f"port = {sshd.port}\n"
-        f'user = "{sshd.username}"\n'
-        f'identity_file = "{sshd.client_key_path}"\n'
-        f'known_hosts = "{sshd.known_hosts_path}"\n'
-        f"control_port = {control_port}\n"
-        f"proxy_port = {proxy_port}\n"
-    )
-
-
 def start_up(
     folder: Path,
     environment: dict[str, str],
@@ -135,15 +121,6 @@ def service_port(folder: Path, name: str) -> int:
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
-
-
-def poll(condition: Callable[[], bool], limit: float, what: str) -> float:
-    """Wait until *condition* holds and return the seconds it took; fail after *limit*."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < limit, f"{what} not within {limit} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def route_status(proxy_port: int, route: str) -> int | None:
@@ -241,7 +218,7 @@ class TestDown:
         """`down` of a killed `up` stops its leftover dev server and deregisters its session."""
         bastion = start_bastion(tmp_path, environment, commands)
         folder = write_project(
-            tmp_path / "project", ssh_tunnel(sshd, bastion.control_port, bastion.proxy_port)
+            tmp_path / "project", sshd_tunnel_table(sshd, bastion.control_port, bastion.proxy_port)
         )
         up = start_up(folder, environment, commands)
         group = dev_group(bastion.proxy_port, "alice:api")
@@ -603,7 +580,7 @@ class TestStatus:
         """A registered route whose laptop does not respond is reported broken, not connected."""
         bastion = start_bastion(tmp_path, environment, commands)
         folder = write_project(
-            tmp_path / "project", ssh_tunnel(sshd, bastion.control_port, bastion.proxy_port)
+            tmp_path / "project", sshd_tunnel_table(sshd, bastion.control_port, bastion.proxy_port)
         )
         up = start_up(folder, environment, commands)
 
@@ -630,7 +607,7 @@ class TestStatus:
         """After `kill -9` of `up`, status marks the entry stale next to the bastion's view."""
         bastion = start_bastion(tmp_path, environment, commands)
         folder = write_project(
-            tmp_path / "project", ssh_tunnel(sshd, bastion.control_port, bastion.proxy_port)
+            tmp_path / "project", sshd_tunnel_table(sshd, bastion.control_port, bastion.proxy_port)
         )
         up = start_up(folder, environment, commands)
         up.process.kill()

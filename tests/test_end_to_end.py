@@ -27,6 +27,7 @@ from helpers.ports import find_free_port
 from helpers.processes import live_group_members
 from helpers.repo import REPO_ROOT
 from helpers.sshd import SshdServer
+from helpers.tunnels import ssh_tunnel_table, sshd_tunnel_table
 
 HELLO_SERVER = REPO_ROOT / "examples" / "hello" / "server.py"
 
@@ -208,17 +209,7 @@ class TestOpenSshBastion:
     ) -> None:
         """A request with the header reaches the dev server through OpenSSH's reverse forward."""
         bastion = start_bastion(tmp_path, environment, commands)
-        folder = project(
-            "[tunnel]\n"
-            'type = "ssh"\n'
-            'host = "127.0.0.1"\n'
-            f"port = {sshd.port}\n"
-            f'user = "{sshd.username}"\n'
-            f'identity_file = "{sshd.client_key_path}"\n'
-            f'known_hosts = "{sshd.known_hosts_path}"\n'
-            f"control_port = {bastion.control_port}\n"
-            f"proxy_port = {bastion.proxy_port}\n"
-        )
+        folder = project(sshd_tunnel_table(sshd, bastion.control_port, bastion.proxy_port))
 
         up = start_up(folder, environment, commands)
 
@@ -264,15 +255,14 @@ class TestEmbeddedSshServer:
             str(host_key),
         )
         folder = project(
-            "[tunnel]\n"
-            'type = "ssh"\n'
-            'host = "127.0.0.1"\n'
-            f"port = {ssh_port}\n"
-            'user = "alice"\n'
-            f'identity_file = "{sshd.client_key_path}"\n'
-            f'known_hosts = "{known_hosts}"\n'
-            f"control_port = {bastion.control_port}\n"
-            f"proxy_port = {bastion.proxy_port}\n"
+            ssh_tunnel_table(
+                port=ssh_port,
+                user="alice",
+                identity_file=sshd.client_key_path,
+                known_hosts=known_hosts,
+                control_port=bastion.control_port,
+                proxy_port=bastion.proxy_port,
+            )
         )
 
         up = start_up(folder, environment, commands)

@@ -27,6 +27,7 @@ from ephemwork.wire import PROTOCOL_HEADER, PROTOCOL_VERSION
 from helpers.cli import RunningCommand, ephemwork_argv
 from helpers.ports import find_free_port
 from helpers.sshd import SshdServer, _descendants
+from helpers.tunnels import poll, ssh_tunnel_table, sshd_tunnel_table
 from test_end_to_end import Bastion, commands, environment, get, start_bastion
 
 FLAKY_SERVER = """
@@ -104,15 +105,6 @@ def start_up(
     return command
 
 
-def poll(condition: Callable[[], bool], limit: float, what: str) -> float:
-    """Wait until *condition* holds and return the seconds it took; fail after *limit*."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < limit, f"{what} not within {limit} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def answers(proxy_port: int, status: int, text: str = "") -> Callable[[], bool]:
     def check() -> bool:
         try:
@@ -162,15 +154,7 @@ class TestConnectionLoss:
         bastion = start_bastion(tmp_path, environment, commands)
         folder = write_project(
             tmp_path / "project",
-            "[tunnel]\n"
-            'type = "ssh"\n'
-            'host = "127.0.0.1"\n'
-            f"port = {sshd.port}\n"
-            f'user = "{sshd.username}"\n'
-            f'identity_file = "{sshd.client_key_path}"\n'
-            f'known_hosts = "{sshd.known_hosts_path}"\n'
-            f"control_port = {bastion.control_port}\n"
-            f"proxy_port = {bastion.proxy_port}\n",
+            sshd_tunnel_table(sshd, bastion.control_port, bastion.proxy_port),
         )
         up = start_up(folder, environment, commands)
         before = get(bastion.proxy_port, "alice:flaky")
@@ -301,15 +285,14 @@ class TestBastionRestart:
         bastion = start_bastion(tmp_path, environment, commands, *dev_flags)
         folder = write_project(
             tmp_path / "project",
-            "[tunnel]\n"
-            'type = "ssh"\n'
-            'host = "127.0.0.1"\n'
-            f"port = {ssh_port}\n"
-            'user = "alice"\n'
-            f'identity_file = "{tmp_path / "client_key"}"\n'
-            f'known_hosts = "{tmp_path / "known_hosts"}"\n'
-            f"control_port = {bastion.control_port}\n"
-            f"proxy_port = {bastion.proxy_port}\n",
+            ssh_tunnel_table(
+                port=ssh_port,
+                user="alice",
+                identity_file=tmp_path / "client_key",
+                known_hosts=tmp_path / "known_hosts",
+                control_port=bastion.control_port,
+                proxy_port=bastion.proxy_port,
+            ),
         )
         up = start_up(folder, environment, commands)
         [before] = _control_sessions(bastion.control_port)
