@@ -38,7 +38,7 @@ AnyWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 @attrs.define
 class RelayOutcome:
-    """How a relayed WebSocket connection ended."""
+    """The end of a relayed WebSocket connection: who closed it, the code and message counts."""
 
     # Which side ended the relay: "caller", "dev_server" or "idle_timeout" when a close
     # frame or a lost connection came from that side, or "caller_send_failed" or

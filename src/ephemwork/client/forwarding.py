@@ -28,7 +28,7 @@ class ServiceGate:
     service: str
     local_port: int
     serving: bool
-    # Why the dev server is down, shown in the 502 body, such as "it exited with code 3".
+    # The reason the dev server is down, shown in the 502 body, such as "it exited with code 3".
     reason: str
 
     def __init__(self, service: str, local_port: int, *, serving: bool = True) -> None:

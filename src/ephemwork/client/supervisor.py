@@ -87,7 +87,7 @@ class OutputRelay:
         return self._is_tty
 
     def write_line(self, line: str) -> None:
-        """Queue *line* for writing; never blocks."""
+        """Queue *line* for the writer thread without blocking; drop it if the queue is full."""
         prefix = _CLEAR_LINE if self._status_shown else ""
         self._status_shown = False
         self._enqueue(f"{prefix}{line}\n")
@@ -369,7 +369,7 @@ class DevServer:
         self._relay_tasks = []
 
     def recent_output(self) -> str:
-        """The last lines the dev server printed, as text for a message."""
+        """Return the last lines the dev server printed, as text for a message."""
         return self._recent_output()
 
     async def stop(self) -> None:
