@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,7 +232,7 @@ def start_ephemwork(
         up = start_ephemwork_up(processes, folder, sshd, backends, env, proxy_port, control_port)
         tunnel_ports = {
             str(session["service"]): int(str(session["port"]))
-            for session in control_sessions(control_port)
+            for session in control_sessions(control_port, source)
             if session["user"] == EPHEMWORK_USER
         }
     return Ephemwork(proxy_port, control_port, bastion, up, tunnel_ports)
@@ -275,11 +276,24 @@ def start_ephemwork_up(
     return up
 
 
-def control_sessions(control_port: int) -> list[dict[str, object]]:
+def protocol_version(source: Path | None = None) -> str:
+    """Return the control API version that the ephemwork in *source* speaks.
+
+    It is read from the source rather than imported, because ``--compare`` runs an older
+    revision whose version may differ from the checkout's.
+    """
+    text = ((source or source_dir) / "ephemwork" / "wire" / "protocol.py").read_text()
+    found = re.search(r"^PROTOCOL_VERSION = (\d+)$", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no PROTOCOL_VERSION in {source or source_dir}")
+    return found.group(1)
+
+
+def control_sessions(control_port: int, source: Path | None = None) -> list[dict[str, object]]:
     """Return the bastion's sessions from ``GET /v1/sessions``."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{control_port}/v1/sessions",
-        headers={"X-Ephemwork-Protocol": "1"},
+        headers={"X-Ephemwork-Protocol": protocol_version(source)},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         body = json.loads(response.read())
@@ -294,7 +308,10 @@ def register_sessions(control_port: int, user: str, count: int) -> None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{control_port}/v1/sessions",
             data=json.dumps(payload).encode(),
-            headers={"X-Ephemwork-Protocol": "1", "Content-Type": "application/json"},
+            headers={
+                "X-Ephemwork-Protocol": protocol_version(),
+                "Content-Type": "application/json",
+            },
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=10) as response:
