@@ -22,6 +22,7 @@ import asyncio
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
 import structlog
@@ -29,6 +30,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from ephemwork.bastion.error_responses import error_response, new_request_id, raw_error_response
+from ephemwork.bastion.relay import RelayContext, RelayProtocol
 from ephemwork.bastion.validation import ALLOW_HEADER_VALUE
 
 _HEADERS_END = b"\r\n\r\n"
@@ -166,11 +168,15 @@ class ConnectionGuard:
 
     limits: ConnectionLimits
     _server: web.Server
+    _relay: RelayContext | None
     _per_client: Counter[str]
 
-    def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
+    def __init__(
+        self, server: web.Server, limits: ConnectionLimits, relay: RelayContext | None = None
+    ) -> None:
         self.limits = limits
         self._server = server
+        self._relay = relay
         self._per_client = Counter()
 
     def __call__(self) -> asyncio.Protocol:
@@ -184,6 +190,8 @@ class ConnectionGuard:
         )
         protocol = _GuardedProtocol(handler, self)
         handler.response_finished = protocol.response_finished
+        if self._relay is not None:
+            protocol.inner = RelayProtocol(self._relay, handler, protocol.response_finished)
         return protocol
 
     def count(self, address: str) -> int:
@@ -205,9 +213,10 @@ class ConnectionGuard:
 
 
 class _GuardedProtocol(asyncio.Protocol):
-    """Passes every event on to aiohttp's protocol and enforces the header timeout and cap."""
+    """Passes every event on to the relay; enforces the header timeout and connection cap."""
 
-    _inner: _ProxyRequestHandler
+    # The relay, which hands requests it does not serve to aiohttp, or aiohttp's protocol.
+    inner: asyncio.Protocol
     _guard: ConnectionGuard
     _transport: asyncio.Transport | None
     _peer: str
@@ -224,9 +233,10 @@ class _GuardedProtocol(asyncio.Protocol):
     # The current request's head, kept only for a trusted proxy's connection.
     _head: bytearray
     _timer: asyncio.TimerHandle | None
+    _headers_deadline: float
 
-    def __init__(self, inner: _ProxyRequestHandler, guard: ConnectionGuard) -> None:
-        self._inner = inner
+    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
+        self.inner = inner
         self._guard = guard
         self._transport = None
         self._peer = "unknown"
@@ -239,10 +249,11 @@ class _GuardedProtocol(asyncio.Protocol):
         self._received = bytearray()
         self._head = bytearray()
         self._timer = None
+        self._headers_deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's does not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else "unknown"
         self._behind_proxy = is_trusted(self._peer, self._guard.limits.trusted_proxies)
@@ -253,7 +264,7 @@ class _GuardedProtocol(asyncio.Protocol):
 
         self._arm_timer()
         self._inner_started = True
-        self._inner.connection_made(transport)
+        self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
@@ -277,11 +288,11 @@ class _GuardedProtocol(asyncio.Protocol):
             if not self._count_against(client or self._peer):
                 return
 
-        self._inner.data_received(data)
+        self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         if self._inner_started and not self._rejected:
-            self._inner.eof_received()
+            self.inner.eof_received()
         # None closes the transport, as aiohttp's own protocol does.
         return None
 
@@ -291,17 +302,17 @@ class _GuardedProtocol(asyncio.Protocol):
             self._guard.closed(self._address)
             self._address = None
         if self._inner_started:
-            self._inner.connection_lost(exc)
+            self.inner.connection_lost(exc)
 
     def response_finished(self) -> None:
         """Mark the connection idle: the next byte starts a new request's headers."""
         self._idle = not self._waiting_for_headers
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        self.inner.resume_writing()
 
     def _count_against(self, address: str) -> bool:
         """Move this connection's count to *address*; reject the connection if it is full."""
@@ -351,15 +362,21 @@ class _GuardedProtocol(asyncio.Protocol):
             self._received += data[-3:]
             return False
 
+        # The timer stays armed: it finds the headers complete when it fires.
         self._waiting_for_headers = False
         self._received.clear()
-        self._cancel_timer()
         return True
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
+        """Give the request's headers `header_timeout` seconds from now.
+
+        A timer that is already armed is kept and re-armed for the new deadline when it
+        fires, so a busy keep-alive connection does not create a timer per request.
+        """
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.limits.header_timeout, self._headers_timed_out)
+        self._headers_deadline = loop.time() + self._guard.limits.header_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._headers_deadline, self._headers_timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -370,6 +387,10 @@ class _GuardedProtocol(asyncio.Protocol):
         self._timer = None
         transport = self._transport
         if transport is None or transport.is_closing() or not self._waiting_for_headers:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._headers_deadline:
+            self._timer = loop.call_at(self._headers_deadline, self._headers_timed_out)
             return
 
         request_id = new_request_id()
@@ -394,10 +415,13 @@ class _GuardedProtocol(asyncio.Protocol):
 
 
 def guarded_protocol_factory(
-    server: web.Server, limits: ConnectionLimits
+    server: web.Server, limits: ConnectionLimits, relay: RelayContext | None = None
 ) -> Callable[[], asyncio.Protocol]:
-    """Return a protocol factory for ``loop.create_server`` that applies *limits*."""
-    return ConnectionGuard(server, limits)
+    """Return a protocol factory for ``loop.create_server`` that applies *limits*.
+
+    With *relay*, plain requests are relayed directly and the rest served by *server*.
+    """
+    return ConnectionGuard(server, limits, relay)
 
 
 __all__: list[str] = [

@@ -7,6 +7,7 @@ so a developer can quote the id and an operator can find the line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 from collections.abc import Mapping
@@ -23,12 +24,20 @@ REQUEST_ID_KEY = web.RequestKey("ephemwork_request_id", str)
 # Error statuses after which the connection is closed.
 _CLOSING_STATUSES = frozenset({400, 405, 408, 413, 431, 501})
 
+# Random per process, so ids from two runs of the bastion do not collide in one log.
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(secrets.randbelow(1 << 32))
+
 logger = structlog.get_logger()
 
 
 def new_request_id() -> str:
-    """Return a fresh random request id: 16 hex digits."""
-    return secrets.token_hex(8)
+    """Return a fresh request id: 16 hex digits, unique within this process.
+
+    The id only links an answer to its log line, so it needs no secrecy, and a counter
+    behind a random prefix avoids a getrandom() call per request.
+    """
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -106,21 +115,75 @@ def error_response(
     return response
 
 
-def raw_error_response(status: int, code: str, message: str, request_id: str) -> bytes:
-    """Return a whole HTTP/1.1 plain-text error response that closes the connection.
+def raw_error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str,
+    *,
+    as_json: bool = False,
+    close: bool = True,
+) -> bytes:
+    """Return a whole HTTP/1.1 error response, which closes the connection unless *close* is False.
 
-    Used where no aiohttp request exists, such as a connection that exceeded the
-    per-client cap or sent no complete headers in time.
+    Used where no aiohttp request exists: a connection that exceeded the per-client cap or
+    sent no complete headers in time, and the relay's answers for plain requests.
     """
-    body, content_type = error_body(status, code, message, request_id, as_json=False)
+    body, content_type = error_body(status, code, message, request_id, as_json=as_json)
+    connection = "Connection: close\r\n" if close else ""
     head = (
         f"HTTP/1.1 {status} {_phrase(status)}\r\n"
         f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"{REQUEST_ID_HEADER}: {request_id}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{connection}\r\n"
     )
     return head.encode("ascii") + body
+
+
+def tunnel_not_connected_message(route: str, port: int) -> str:
+    """The 502 message for a tunnel port where nothing listens."""
+    return (
+        f"the laptop's tunnel for {route!r} is not connected: nothing listens on bastion port "
+        f"{port}. Check that `ephemwork up` is still running on the laptop"
+    )
+
+
+def tunnel_closed_message(route: str, port: int) -> str:
+    """The 502 message for a tunnel port that closed the connection without a response.
+
+    The SSH server accepts on the tunnel port and then closes the socket when the laptop
+    cannot reach its dev server, so this usually means the dev server is down.
+    """
+    return (
+        f"the laptop's tunnel for {route!r} closed the connection without a response "
+        f"(bastion port {port}). Check that the dev server on the laptop is running"
+    )
+
+
+def tunnel_malformed_message(route: str, problem: str) -> str:
+    """The 502 message for a response that could not be parsed, with the parser's *problem*."""
+    return (
+        f"the laptop's tunnel for {route!r} sent a malformed response "
+        f"({problem.splitlines()[0] if problem else 'unknown error'}). "
+        "Check the dev server's response headers"
+    )
+
+
+def tunnel_bad_header_message(route: str, header: str) -> str:
+    """The 502 message for a response header that cannot be relayed, described by *header*."""
+    return (
+        f"the laptop's tunnel for {route!r} sent a response header {header}. "
+        "Check the dev server's headers"
+    )
+
+
+def tunnel_timeout_message(route: str, connect: float, read: float | None) -> str:
+    """The 504 message for a tunnel that did not answer in time."""
+    return (
+        f"the laptop's tunnel for {route!r} timed out (connect timeout {connect} s, "
+        f"read timeout {read} s)"
+    )
 
 
 def _phrase(status: int) -> str:

@@ -48,7 +48,16 @@ from ephemwork.bastion.cors import (
     is_route_preflight,
     preflight_headers,
 )
-from ephemwork.bastion.error_responses import REQUEST_ID_HEADER, error_response, request_id_of
+from ephemwork.bastion.error_responses import (
+    REQUEST_ID_HEADER,
+    error_response,
+    request_id_of,
+    tunnel_bad_header_message,
+    tunnel_closed_message,
+    tunnel_malformed_message,
+    tunnel_not_connected_message,
+    tunnel_timeout_message,
+)
 from ephemwork.bastion.routing import (
     InvalidRouteError,
     SelectedRoute,
@@ -410,33 +419,16 @@ class _ProxyHandler:
             return _tunnel_not_connected(request, route, session.port, exc)
         except aiohttp.ClientResponseError as exc:
             # aiohttp's parser rejected the dev server's status line or headers.
-            return _tunnel_down(
-                request,
-                route,
-                session.port,
-                exc,
-                f"sent a malformed response ({exc.message.splitlines()[0] if exc.message else ''})"
-                ". Check the dev server's response headers",
-            )
+            return _tunnel_down(request, exc, tunnel_malformed_message(route, exc.message))
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # The SSH server accepts on the tunnel port and then closes the socket when the
-            # laptop cannot reach its dev server, so this usually means the dev server is down.
-            return _tunnel_down(
-                request,
-                route,
-                session.port,
-                exc,
-                f"closed the connection without a response (bastion port {session.port}). "
-                "Check that the dev server on the laptop is running",
-            )
+            return _tunnel_down(request, exc, tunnel_closed_message(route, session.port))
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             logger.warning("proxy.tunnel_timeout", error=repr(exc))
             return error_response(
                 request,
                 504,
                 "tunnel_timeout",
-                f"the laptop's tunnel for {route!r} timed out (connect timeout "
-                f"{self._timeouts.connect} s, read timeout {self._timeouts.read} s)",
+                tunnel_timeout_message(route, self._timeouts.connect, self._timeouts.read),
             )
 
         async with upstream:
@@ -444,10 +436,8 @@ class _ProxyHandler:
             if bad_header is not None:
                 return _tunnel_down(
                     request,
-                    route,
-                    session.port,
                     ValueError(f"invalid response header {bad_header}"),
-                    f"sent a response header {bad_header}. Check the dev server's headers",
+                    tunnel_bad_header_message(route, bad_header),
                 )
 
             headers = CIMultiDict(relayed_response_headers(upstream.headers))
@@ -567,10 +557,9 @@ class _ProxyHandler:
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _tunnel_down(
                 request,
-                route,
-                session.port,
                 exc,
-                "failed during the WebSocket upgrade. Check that the dev server is running",
+                f"the laptop's tunnel for {route!r} failed during the WebSocket upgrade. "
+                "Check that the dev server is running",
             )
         finally:
             _upgrade_responses.reset(recording)
@@ -587,10 +576,9 @@ class _ProxyHandler:
                 await upstream.close()
                 return _tunnel_down(
                     request,
-                    route,
-                    session.port,
                     ValueError(f"invalid 101 header {bad_header}"),
-                    f"sent a 101 header {bad_header}. Check the dev server's response headers",
+                    f"the laptop's tunnel for {route!r} sent a 101 header {bad_header}. "
+                    "Check the dev server's response headers",
                 )
             for name, value in upgrade_response_headers(handshake[0].headers):
                 caller.headers.add(name, value)
@@ -666,26 +654,15 @@ def _set_route_cookie(
     )
 
 
-def _tunnel_down(
-    request: web.Request, route: str, port: int, exc: Exception, problem: str
-) -> web.Response:
+def _tunnel_down(request: web.Request, exc: Exception, message: str) -> web.Response:
     logger.warning("proxy.tunnel_unavailable", error=repr(exc))
-    return error_response(
-        request, 502, "tunnel_unavailable", f"the laptop's tunnel for {route!r} {problem}"
-    )
+    return error_response(request, 502, "tunnel_unavailable", message)
 
 
 def _tunnel_not_connected(
     request: web.Request, route: str, port: int, exc: Exception
 ) -> web.Response:
-    return _tunnel_down(
-        request,
-        route,
-        port,
-        exc,
-        f"is not connected: nothing listens on bastion port {port}. "
-        "Check that `ephemwork up` is still running on the laptop",
-    )
+    return _tunnel_down(request, exc, tunnel_not_connected_message(route, port))
 
 
 def _text_response(status: int, text: str) -> web.Response:

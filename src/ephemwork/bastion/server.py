@@ -13,25 +13,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import asyncssh
 import attrs
 import structlog
 from aiohttp import web
 
+from ephemwork.bastion.addresses import is_loopback_host
 from ephemwork.bastion.connections import ConnectionLimits, guarded_protocol_factory
 from ephemwork.bastion.control import create_control_app
 from ephemwork.bastion.cors import OriginAllowlist
 from ephemwork.bastion.ports import validate_port_range
 from ephemwork.bastion.proxy import ProxyTimeouts, create_proxy_app
 from ephemwork.bastion.registry import RegistryStorageError, SessionRegistry
-from ephemwork.bastion.sshserver import (
-    EmbeddedSSHServer,
-    ForwardPolicy,
-    is_loopback_host,
-    load_or_create_host_key,
-)
+from ephemwork.bastion.relay import RelayContext
+from ephemwork.bastion.tunnel_connections import TunnelPool
 from ephemwork.errors import UsageError
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from ephemwork.bastion.sshserver import EmbeddedSSHServer
 
 # Seconds between two passes of the lease reaper.
 REAP_INTERVAL = 5.0
@@ -153,6 +155,7 @@ class BastionServer:
     _clock: Callable[[], float]
     _proxy_runner: web.AppRunner | None
     _proxy_listener: asyncio.Server | None
+    _relay: RelayContext | None
     _control_runner: web.AppRunner | None
     _ssh_server: EmbeddedSSHServer | None
     _reaper: asyncio.Task[None] | None
@@ -164,6 +167,7 @@ class BastionServer:
         self._clock = clock
         self._proxy_runner = None
         self._proxy_listener = None
+        self._relay = None
         self._control_runner = None
         self._ssh_server = None
         self._reaper = None
@@ -199,11 +203,25 @@ class BastionServer:
         )
         await self._proxy_runner.setup()
         assert self._proxy_runner.server is not None
+        timeouts = options.proxy_timeouts
+        self._relay = RelayContext(
+            routes=self.registry,
+            timeouts=timeouts,
+            pool=TunnelPool(
+                asyncio.get_running_loop(),
+                connect_timeout=timeouts.connect,
+                read_timeout=timeouts.read,
+                keepalive=timeouts.keepalive,
+            ),
+            keepalive_timeout=options.connection_limits.keepalive_timeout,
+        )
         # The proxy's socket is opened here rather than by a TCPSite, so that each
         # connection goes through the guard that enforces the slow-client limits.
         try:
             self._proxy_listener = await asyncio.get_running_loop().create_server(
-                guarded_protocol_factory(self._proxy_runner.server, options.connection_limits),
+                guarded_protocol_factory(
+                    self._proxy_runner.server, options.connection_limits, self._relay
+                ),
                 options.listen[0],
                 options.listen[1],
                 reuse_address=True,
@@ -222,6 +240,13 @@ class BastionServer:
         await _start_site(self._control_runner, options.control_listen, "control_listen")
 
         if options.ssh_listen is not None:
+            # Imported only here: asyncssh adds about 10 MiB to a bastion behind OpenSSH.
+            from ephemwork.bastion.sshserver import (
+                EmbeddedSSHServer,
+                ForwardPolicy,
+                load_or_create_host_key,
+            )
+
             assert options.authorized_keys is not None
             policy = ForwardPolicy(
                 port_range=options.port_range,
@@ -293,9 +318,17 @@ class BastionServer:
                     raise
             self._reaper = None
 
-        for runner in (self._proxy_runner, self._control_runner):
-            if runner is not None:
-                await runner.cleanup()
+        # The relay and aiohttp each finish the requests in progress on their own
+        # connections, at the same time, so that shutdown takes one grace period.
+        stopping = [
+            runner.cleanup()
+            for runner in (self._proxy_runner, self._control_runner)
+            if runner is not None
+        ]
+        if self._relay is not None:
+            stopping.append(self._relay.shutdown(SHUTDOWN_TIMEOUT))
+        await asyncio.gather(*stopping)
+        self._relay = None
         self._proxy_runner = self._control_runner = None
         if self._proxy_listener is not None:
             await self._proxy_listener.wait_closed()

@@ -18,7 +18,6 @@ covers both the SSH connections and the sockets accepted by the forward listener
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Awaitable
 from pathlib import Path
@@ -29,6 +28,7 @@ import asyncssh
 import attrs
 import structlog
 
+from ephemwork.bastion.addresses import is_loopback_host
 from ephemwork.errors import UsageError
 
 HOST_KEY_FILE_NAME = "ssh_host_ed25519_key"
@@ -46,16 +46,6 @@ logger = structlog.get_logger()
 
 class HostKeyError(UsageError):
     """The SSH host key file cannot be read or created."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """Return whether *host* is ``localhost`` or a loopback IP address."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @attrs.frozen
