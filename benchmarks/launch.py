@@ -4,9 +4,9 @@ The harness starts ``serve-bastion`` and ``up`` through this script so that it c
 change before anyone makes it in ``src/``. ``EPHEMWORK_BENCH_LEVERS`` is a comma-separated
 list; with it empty the command runs exactly as the installed ``ephemwork`` does.
 
-- ``uvloop``: the uvloop event loop for ``asyncio.run``;
+- ``asyncio``: asyncio's own event loop instead of uvloop, which ``src/`` uses where installed;
 - ``quiet``: ``--log-level warning``, which drops the one info line per proxied request;
-- ``nopool``: the proxy's aiohttp connector closes each tunnel connection after one request;
+- ``nopool``: the relay and the aiohttp proxy close each tunnel connection after one request;
 - ``aesgcm``: asyncssh offers ``aes128-gcm@openssh.com`` first (its default is chacha20);
 - ``window``: asyncssh channel window 8 MiB and maximum packet 256 KiB (defaults 2 MiB, 32 KiB);
 - ``nopty``: ``up`` opens no idle pty session, so OpenSSH's sshd leaves Nagle on.
@@ -14,13 +14,12 @@ list; with it empty the command runs exactly as the installed ``ephemwork`` does
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import sys
 from typing import Any
 
-LEVERS = frozenset({"uvloop", "quiet", "nopool", "aesgcm", "window", "nopty"})
+LEVERS = frozenset({"asyncio", "quiet", "nopool", "aesgcm", "window", "nopty"})
 
 GCM_FIRST = (
     "aes128-gcm@openssh.com",
@@ -44,10 +43,10 @@ def parse_levers(text: str) -> frozenset[str]:
 
 def apply_levers(levers: frozenset[str], argv: list[str]) -> list[str]:
     """Patch the libraries for *levers* and return the command line to run."""
-    if "uvloop" in levers:
-        import uvloop
+    if "asyncio" in levers:
+        from ephemwork import cli
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        cli._loop_factory = lambda: None
 
     if "nopool" in levers:
         import aiohttp
@@ -61,6 +60,13 @@ def apply_levers(levers: frozenset[str], argv: list[str]) -> list[str]:
             original_init(self, *args, **kwargs)
 
         aiohttp.TCPConnector.__init__ = init_without_pool  # type: ignore[method-assign]
+
+        from ephemwork.bastion.tunnel_connections import TunnelConnection, TunnelPool
+
+        def put_nothing(self: TunnelPool, connection: TunnelConnection) -> None:
+            connection.abandon()
+
+        TunnelPool.put = put_nothing  # type: ignore[method-assign]
 
     if levers & {"aesgcm", "window"}:
         _patch_asyncssh_connect(levers)
