@@ -137,7 +137,7 @@ def start_bastion(
         env=environment,
     )
     commands.append(command)
-    command.wait_for_line(r'"event": "bastion.started"')
+    command.wait_for_line(r'"event": ?"bastion.started"')
     return Bastion(proxy_port, control_port, command)
 
 

@@ -325,5 +325,5 @@ def _restart_bastion(
     argv = [str(part) for part in bastion.command.process.args]  # type: ignore[union-attr]
     command = RunningCommand(argv, env=environment)
     commands.append(command)
-    command.wait_for_line(r'"event": "bastion.started"')
+    command.wait_for_line(r'"event": ?"bastion.started"')
     return command

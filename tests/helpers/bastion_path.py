@@ -216,7 +216,7 @@ class BastionProcess:
         """Start serve-bastion and block until it logs ``bastion.started``."""
         command = RunningCommand(self.argv, env=self.environment)
         self.runs.append(command)
-        command.wait_for_line(r'"event": "bastion.started"')
+        command.wait_for_line(r'"event": ?"bastion.started"')
 
     def kill(self) -> None:
         """SIGKILL the current run and wait for it to exit."""
