@@ -48,6 +48,10 @@ _HEADERS_END = b"\r\n\r\n"
 # this, the caller's connection is not read until the current response is complete.
 _MAX_PIPELINED = 64 * 1024
 
+# Bytes of a request body kept while the tunnel connection opens; beyond this the caller's
+# connection is not read until it is open.
+_MAX_BUFFERED_BODY = 256 * 1024
+
 # Methods that may be sent again on a fresh connection when a reused one closed without
 # any response byte (RFC 9110 section 9.2.2), as long as they carry no body.
 _RETRIED_METHODS = frozenset({"GET", "PUT", "DELETE"})
@@ -363,6 +367,8 @@ class RelayProtocol(asyncio.Protocol):
         self._send_request(exchange, tunnel)
 
     def _send_request(self, exchange: _Exchange, tunnel: TunnelConnection) -> None:
+        # Reading resumes first, so that a full tunnel send buffer can pause it again.
+        self._resume_reading()
         tunnel.send_request(
             self,
             bytes(exchange.sent),
@@ -376,6 +382,9 @@ class RelayProtocol(asyncio.Protocol):
             exchange.tunnel.send_body(body, last=exchange.body_remaining == 0)
         else:
             exchange.sent += body
+            if len(exchange.sent) > _MAX_BUFFERED_BODY:
+                # The tunnel connection is still opening; `_send_request` reads on.
+                self._pause_reading()
 
     def _may_retry(self, exchange: _Exchange) -> bool:
         """Return whether a request that a reused connection dropped may go on a fresh one.

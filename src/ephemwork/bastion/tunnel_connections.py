@@ -359,6 +359,8 @@ class TunnelConnection(asyncio.Protocol):
         self._reset()
         self.reused = True
         if reusable and self._transport is not None and not self._transport.is_closing():
+            # The caller's full send buffer may have paused reading in the last data_received.
+            self._transport.resume_reading()
             self._pool.put(self)
         else:
             self._close()
