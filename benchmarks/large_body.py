@@ -40,6 +40,7 @@ from aiohttp import web
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
+from ephemwork.wire import PROTOCOL_HEADER, PROTOCOL_VERSION  # noqa: E402
 from helpers.ports import find_free_port  # noqa: E402
 from helpers.sshd import SshdServer, start_sshd  # noqa: E402
 
@@ -47,7 +48,7 @@ MIB = 1024 * 1024
 # Size of each chunk the sender writes.
 CHUNK = 256 * 1024
 ROUTE = "bench:large"
-PROTOCOL = {"X-Ephemwork-Protocol": "1"}
+PROTOCOL = {PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
 
 
 def main() -> None:

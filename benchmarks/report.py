@@ -199,7 +199,8 @@ def _lever_table(results: Results) -> str:
         "## Levers, each measured alone on the ephemwork path\n",
         "Set by `benchmarks/launch.py` without changing `src/`: `quiet` (`--log-level warning`: no "
         "per-request log line), `nopty` (no idle pty, so sshd leaves Nagle on), `nopool` "
-        "(no keep-alive to the tunnel port), and `before` (`src/` of the revision given to "
+        "(no keep-alive to the tunnel port), `asyncio` (asyncio's event loop instead of uvloop), "
+        "and `before` (`src/` of the revision given to "
         "`--compare`, unchanged). Percentages are the median per-round change against "
         "`baseline`.\n",
         f"| variant | {header} | bulk MiB/s |",

@@ -34,7 +34,7 @@ logger = structlog.get_logger()
 def new_request_id() -> str:
     """Return a fresh request id: 16 hex digits, unique within this process.
 
-    The id only links an answer to its log line, so it needs no secrecy, and a counter
+    The id only links a response to its log line, so it needs no secrecy, and a counter
     behind a random prefix avoids a getrandom() call per request.
     """
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
@@ -127,7 +127,7 @@ def raw_error_response(
     """Return a whole HTTP/1.1 error response, which closes the connection unless *close* is False.
 
     Used where no aiohttp request exists: a connection that exceeded the per-client cap or
-    sent no complete headers in time, and the relay's answers for plain requests.
+    sent no complete headers in time, and the relay's error responses for plain requests.
     """
     body, content_type = error_body(status, code, message, request_id, as_json=as_json)
     connection = "Connection: close\r\n" if close else ""
@@ -142,7 +142,7 @@ def raw_error_response(
 
 
 def tunnel_not_connected_message(route: str, port: int) -> str:
-    """The 502 message for a tunnel port where nothing listens."""
+    """Return the 502 message for a tunnel port where nothing listens."""
     return (
         f"the laptop's tunnel for {route!r} is not connected: nothing listens on bastion port "
         f"{port}. Check that `ephemwork up` is still running on the laptop"
@@ -150,7 +150,7 @@ def tunnel_not_connected_message(route: str, port: int) -> str:
 
 
 def tunnel_closed_message(route: str, port: int) -> str:
-    """The 502 message for a tunnel port that closed the connection without a response.
+    """Return the 502 message for a tunnel port that closed without a response.
 
     The SSH server accepts on the tunnel port and then closes the socket when the laptop
     cannot reach its dev server, so this usually means the dev server is down.
@@ -162,7 +162,7 @@ def tunnel_closed_message(route: str, port: int) -> str:
 
 
 def tunnel_malformed_message(route: str, problem: str) -> str:
-    """The 502 message for a response that could not be parsed, with the parser's *problem*."""
+    """Return the 502 message for an unparseable response, with the parser's *problem*."""
     return (
         f"the laptop's tunnel for {route!r} sent a malformed response "
         f"({problem.splitlines()[0] if problem else 'unknown error'}). "
@@ -171,7 +171,7 @@ def tunnel_malformed_message(route: str, problem: str) -> str:
 
 
 def tunnel_bad_header_message(route: str, header: str) -> str:
-    """The 502 message for a response header that cannot be relayed, described by *header*."""
+    """Return the 502 message for a response header that cannot be relayed unchanged."""
     return (
         f"the laptop's tunnel for {route!r} sent a response header {header}. "
         "Check the dev server's headers"
@@ -179,7 +179,7 @@ def tunnel_bad_header_message(route: str, header: str) -> str:
 
 
 def tunnel_timeout_message(route: str, connect: float, read: float | None) -> str:
-    """The 504 message for a tunnel that did not answer in time."""
+    """Return the 504 message for a tunnel that sent no response in time."""
     return (
         f"the laptop's tunnel for {route!r} timed out (connect timeout {connect} s, "
         f"read timeout {read} s)"

@@ -240,7 +240,7 @@ class BastionServer:
         await _start_site(self._control_runner, options.control_listen, "control_listen")
 
         if options.ssh_listen is not None:
-            # Imported only here: asyncssh adds about 10 MiB to a bastion behind OpenSSH.
+            # Imported only here: asyncssh adds about 15 MiB of RSS to a bastion behind OpenSSH.
             from ephemwork.bastion.sshserver import (
                 EmbeddedSSHServer,
                 ForwardPolicy,

@@ -96,7 +96,7 @@ def invalid_header_bytes(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes | 
     """Return the name of the first header whose name or value has a control byte, or None.
 
     HTAB is allowed in values; every other byte below 0x20, and DEL, is not (RFC 9110
-    section 5.5). Names also may not hold a space or a colon.
+    section 5.5). Names also may not contain a space or a colon.
     """
     for name, value in raw_headers:
         if _BAD_NAME_BYTE.search(name) is not None or _BAD_VALUE_BYTE.search(value) is not None:
