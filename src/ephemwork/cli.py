@@ -85,7 +85,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """Return uvloop's event loop factory where uvloop is installed, else None (asyncio's).
 
     uvloop's transports and polling cost less CPU per request than asyncio's own, which
-    raised the relayed requests per second by about 6 % (docs/benchmarks.md). It is
+    raised the relayed requests per second by about 5 % (docs/benchmarks.md). It is
     imported here, not at the top, so ``--help`` does not pay for it.
     """
     try:

@@ -21,28 +21,17 @@ from http import HTTPStatus
 from typing import Protocol, cast
 
 import httptools
-import structlog
 
+from ephemwork.bastion.proxy import HOP_BY_HOP_HEADERS, SMALL_BODY_MAX, TUNNEL_HOST
 from ephemwork.bastion.validation import invalid_response_header
 
-TUNNEL_HOST = "127.0.0.1"
-
-# Bytes of Content-Length up to which a response is read whole and sent in one write.
-SMALL_BODY_MAX = 64 * 1024
-
-# The headers a proxy must not forward (RFC 9110 section 7.6.1), plus Proxy-Connection,
-# which old servers send, and Trailer, whose trailers are not relayed.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding"}
-    | {b"upgrade"}
-)
+# The hop-by-hop headers that the aiohttp path drops, as the bytes httptools reports.
+HOP_BY_HOP = frozenset(name.encode("ascii") for name in HOP_BY_HOP_HEADERS)
 
 _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
 }
 _LAST_CHUNK = b"0\r\n\r\n"
-
-logger = structlog.get_logger()
 
 
 class TunnelProblem(enum.Enum):
