@@ -135,7 +135,7 @@ export SOURCE_DATE_EPOCH
 mkdir -p "$(dirname "$output")"
 "$build_venv/bin/shiv" \
     --site-packages "$staging" \
-    --entry-point ephemwork.cli:main \
+    --entry-point ephemwork.pyz:main \
     --python '/usr/bin/env python3' \
     --compressed \
     --reproducible \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,10 @@ EXPECTED_COMMANDS = ("up", "down", "status", "serve-bastion")
 
 # Imported with the archive's own packages; key generation runs cryptography's native code.
 RUNTIME_IMPORT_CHECK = """
-import aiohttp, asyncssh, attrs, cattrs, click, structlog
+import aiohttp, asyncssh, attrs, cattrs, click, httptools, orjson, structlog, uvloop
 asyncssh.generate_private_key("ssh-ed25519")
+orjson.dumps({"a": 1})
+uvloop.new_event_loop().close()
 print("imports ok")
 """
 
@@ -50,6 +53,22 @@ def _python_version(python: str) -> tuple[int, int]:
     ).stdout
     major, minor = output.split()
     return int(major), int(minor)
+
+
+def _other_python() -> str | None:
+    """Return a CPython 3.10 or newer that is not 3.11, from PATH or pyenv, or None."""
+    found = [shutil.which(f"python3.{minor}") for minor in (10, 12, 13)]
+    found += [str(path) for path in (Path.home() / ".pyenv" / "versions").glob("3.*/bin/python3")]
+    for python in found:
+        if python is None:
+            continue
+        try:
+            version = _python_version(python)
+        except (OSError, subprocess.CalledProcessError):
+            continue  # a pyenv shim for a version that is not selected
+        if version >= (3, 10) and version != (3, 11):
+            return python
+    return None
 
 
 def _bare_environment(shiv_root: Path, python: str) -> dict[str, str]:
@@ -126,6 +145,25 @@ class TestZipapp:
         )
 
         assert result.returncode == 0, result.stderr
+
+    def test_other_python_refused(self, pyz_path: Path, tmp_path: Path) -> None:
+        """On a CPython other than 3.11 the archive exits 2 with one line, not a traceback."""
+        python = _other_python()
+        if python is None:
+            pytest.skip("no CPython other than 3.11 is installed here")
+
+        result = subprocess.run(
+            [python, str(pyz_path), "status"],
+            cwd=tmp_path,
+            env=_bare_environment(tmp_path / "shiv", python),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ephemwork.pyz was built for CPython 3.11")
+        assert "Traceback" not in result.stderr
 
     def test_imports_runtime_packages(self, pyz_path: Path, tmp_path: Path) -> None:
         """The pinned packages, compiled parts included, import from the archive alone."""
