@@ -102,15 +102,23 @@ class TestOptions:
         with pytest.raises(BastionOptionsError, match=expected):
             validate_options(options(tmp_path, **overrides))
 
-    async def test_port_in_use(self, tmp_path: Path) -> None:
-        """A listen port already taken raises BastionOptionsError naming the address."""
+    @pytest.mark.parametrize(
+        ("field", "flag"), [("listen", "--listen"), ("control_listen", "--control-listen")]
+    )
+    async def test_port_in_use(self, tmp_path: Path, field: str, flag: str) -> None:
+        """A listen port already taken raises BastionOptionsError naming address and flag."""
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            with pytest.raises(BastionOptionsError, match=f"127.0.0.1:{port}"):
-                async with BastionServer(options(tmp_path, listen=("127.0.0.1", port))):
+            with pytest.raises(BastionOptionsError) as caught:
+                async with BastionServer(options(tmp_path, **{field: ("127.0.0.1", port)})):
                     pass
+
+        assert str(caught.value) == (
+            f"Cannot listen on 127.0.0.1:{port} ({flag}): address already in use. "
+            "Pick a free port, or stop the process that holds it."
+        )
 
 
 class TestServer:

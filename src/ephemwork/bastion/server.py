@@ -8,6 +8,7 @@ order, so the registry closes after the last request that could change it.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -228,8 +229,8 @@ class BastionServer:
             )
         except OSError as exc:
             raise BastionOptionsError(
-                f"Cannot listen on listen {_format(options.listen)}: {exc}. Pick a free "
-                "port, or stop the process that holds it."
+                f"Cannot listen on {_format(options.listen)} (--listen): {_reason(exc)}. Pick "
+                "a free port, or stop the process that holds it."
             ) from exc
 
         self._control_runner = web.AppRunner(
@@ -263,8 +264,8 @@ class BastionServer:
                 await self._ssh_server.start()
             except OSError as exc:
                 raise BastionOptionsError(
-                    f"Cannot listen on ssh_listen {_format(options.ssh_listen)}: {exc}. "
-                    "Pick a free port, or 0 for any."
+                    f"Cannot listen on {_format(options.ssh_listen)} (--ssh-listen): "
+                    f"{_reason(exc)}. Pick a free port, or 0 for any."
                 ) from exc
 
         self._reaper = asyncio.create_task(self._reap_forever(), name="bastion-lease-reaper")
@@ -421,8 +422,8 @@ async def _start_site(runner: web.AppRunner, address: tuple[str, int], name: str
         await site.start()
     except OSError as exc:
         raise BastionOptionsError(
-            f"Cannot listen on {name} {_format(address)}: {exc}. Pick a free port, or stop "
-            "the process that holds it."
+            f"Cannot listen on {_format(address)} (--{name.replace('_', '-')}): {_reason(exc)}. "
+            "Pick a free port, or stop the process that holds it."
         ) from exc
 
 
@@ -436,3 +437,13 @@ def _bound_address(runner: web.AppRunner | None) -> tuple[str, int]:
 def _format(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    """Return the system's reason for *exc*, such as ``address already in use``.
+
+    asyncio's own message repeats the address in tuple form before the reason.
+    """
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc)
