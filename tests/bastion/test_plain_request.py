@@ -186,7 +186,7 @@ class TestHandedOver:
     def test_bastion_target(self, target: bytes) -> None:
         """A target with ``ephemwork`` in it, before or after decoding, goes to aiohttp.
 
-        aiohttp's proxy answers the health check and the cookie parameter itself.
+        aiohttp's proxy handles the health check and the cookie parameter itself.
         """
         assert parse(b"GET " + target + b" HTTP/1.1", HOST, ROUTE) is None
 

@@ -43,7 +43,7 @@ class Sink:
 
 @pytest.fixture
 async def dev_port() -> AsyncIterator[int]:
-    """A dev server that answers every request head with `RESPONSE` in one write."""
+    """A dev server that responds to every request head with `RESPONSE` in one write."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -91,9 +91,9 @@ class PlainRequest:
 def may_be_plain(buffer: bytes | bytearray) -> bool:
     """Return whether the start of a request head, without its end yet, can still be plain.
 
-    A head that cannot be plain is handed to aiohttp at once, so that a malformed or
-    non-HTTP start (a bare LF, a TLS handshake, a header line without a colon) gets
-    aiohttp's immediate error instead of waiting for the header timeout.
+    A head that cannot be plain is handed to aiohttp at once. So a malformed or non-HTTP
+    start (a bare LF, a TLS handshake, a header line without a colon) gets aiohttp's
+    immediate error instead of waiting for the header timeout.
     """
     if buffer.count(b"\n") != buffer.count(b"\r\n"):
         return False

@@ -6,7 +6,7 @@ It turns the dev server's response into the bytes the caller receives: hop-by-ho
 dropped, a Date added when missing, and a chunked body re-framed chunk by chunk. Responses
 with a Content-Length of at most `SMALL_BODY_MAX` bytes reach the caller in one write.
 
-Idle connections wait in a `TunnelPool` per port, most recently used first, and are closed
+Idle connections wait in a `TunnelPool` per port, most recently used first. They are closed
 after `keepalive` seconds, below the 5 s keep-alive of common dev servers, so that a reused
 connection is rarely one the dev server is closing at that moment.
 """
@@ -41,7 +41,7 @@ class TunnelProblem(enum.Enum):
     REFUSED = "refused"
     # The connection closed before a response began; the dev server is usually down.
     CLOSED = "closed"
-    # The response could not be parsed, or it ended before its framing said it would.
+    # The response could not be parsed, or it ended before the end its framing announced.
     MALFORMED = "malformed"
     # The response has a header that cannot be relayed unchanged.
     BAD_HEADER = "bad_header"
@@ -150,8 +150,8 @@ class TunnelConnection(asyncio.Protocol):
     ) -> None:
         """Send a request head, and any body bytes already at hand, for *sink*.
 
-        *complete* tells whether *data* holds the whole request; if not, `send_body` sends
-        the rest.
+        *complete* is whether *data* contains the whole request. If it does not,
+        `send_body` sends the rest.
         """
         assert self._transport is not None
         self._sink = sink
