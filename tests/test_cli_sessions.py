@@ -506,6 +506,28 @@ class TestUpMessages:
             "Stopped (SIGINT) before any route was registered; stopped the dev server of api.\n"
         )
 
+    def test_identity_file_missing(self, tmp_path: Path, environment: dict[str, str]) -> None:
+        """A missing identity file exits 2 before any dev server starts."""
+        folder = tmp_path / "project"
+        folder.mkdir()
+        started = folder / "started"
+        (folder / "ephemwork.toml").write_text(
+            '[tunnel]\ntype = "ssh"\nhost = "127.0.0.1"\nport = 9\n'
+            f'identity_file = "{folder / "nokey"}"\n'
+            f"[service.api]\nport = {find_free_port()}\n"
+            f'run_command = "touch {started}; sleep 60"\n',
+            encoding="utf-8",
+        )
+
+        result = run(folder, environment, "up", "api")
+
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"error: The identity file {str(folder / 'nokey')!r} for 127.0.0.1:9 does not "
+            "exist. Fix the path in the [tunnel] table of ephemwork.toml.\n"
+        )
+        assert not started.exists()
+
     def test_port_in_environment(
         self, tmp_path: Path, environment: dict[str, str], commands: list[RunningCommand]
     ) -> None:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from ephemwork.client.tunnel import TunnelTarget
+from ephemwork.client.tunnel import TunnelTarget, missing_file
 from ephemwork.config import Ec2Tunnel, LocalTunnel, SshTunnel, TunnelConfig
 from ephemwork.errors import ConfigError
 
@@ -32,6 +32,17 @@ def ssh_target(tunnel: SshTunnel) -> TunnelTarget:
         # OpenSSH's sshd turns on TCP_NODELAY only while a pty session is open.
         want_pty=True,
     )
+
+
+def check_ssh_files(tunnel: SshTunnel) -> None:
+    """Raise ConfigError if the identity or known_hosts file that *tunnel* names is missing.
+
+    ``up`` calls this before it starts any dev server, so that a wrong path is reported
+    at once instead of after the build and the health check.
+    """
+    problem = missing_file(ssh_target(tunnel))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 @asynccontextmanager

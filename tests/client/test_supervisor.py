@@ -17,7 +17,7 @@ from ephemwork.client import processgroup
 from ephemwork.client.processgroup import group_alive, group_members
 from ephemwork.client.supervisor import DevServer, OutputRelay
 from ephemwork.config import ServiceConfig
-from ephemwork.errors import DevServerError
+from ephemwork.errors import ConfigError, DevServerError
 
 from .conftest import free_port, port_is_free, wait_until
 
@@ -101,14 +101,15 @@ class TestBuild:
         assert "api build | 42\n" in output.getvalue()
 
     async def test_missing_cwd(self, tmp_path: Path) -> None:
-        """A cwd that does not exist raises DevServerError naming the folder and key."""
+        """A cwd that does not exist raises ConfigError, exit code 2, naming the key."""
         service = _service(cwd="nowhere", build_command="true")
 
         async with DevServer(service, tmp_path, output=io.StringIO()) as server:
-            with pytest.raises(DevServerError) as caught:
+            with pytest.raises(ConfigError) as caught:
                 await server.build()
 
         assert "service.api.cwd" in str(caught.value)
+        assert caught.value.exit_code == 2
 
 
 class TestRunAndStop:

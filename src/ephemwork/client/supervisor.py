@@ -30,7 +30,7 @@ from ephemwork.client.portowner import find_port_owner, port_accepts_connections
 from ephemwork.client.processgroup import terminate_group
 from ephemwork.client.state import process_start_ticks
 from ephemwork.config import ServiceConfig
-from ephemwork.errors import DevServerError
+from ephemwork.errors import ConfigError, DevServerError
 
 log = structlog.get_logger()
 
@@ -414,7 +414,8 @@ class DevServer:
 
     async def _spawn(self, command: str, *, merge_stderr: bool) -> asyncio.subprocess.Process:
         if not self.cwd.is_dir():
-            raise DevServerError(
+            # A configuration mistake, so it exits with code 2 like the others.
+            raise ConfigError(
                 f"{self.name}: working folder {str(self.cwd)!r} does not exist. Fix "
                 f"service.{self.name}.cwd in ephemwork.toml (it is relative to the file's folder)."
             )

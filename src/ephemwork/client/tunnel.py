@@ -130,7 +130,9 @@ async def connect(
     rejects it only costs a warning. *client_factory* lets the caller watch the connection's
     events, such as the reason it was lost.
     """
-    _check_files_exist(target)
+    problem = missing_file(target)
+    if problem is not None:
+        raise TunnelError(problem)
 
     options: dict[str, Any] = {
         "username": target.username,
@@ -181,7 +183,8 @@ def cpu_has_aes_instructions(cpuinfo: Path = CPUINFO_PATH) -> bool:
     return False
 
 
-def _check_files_exist(target: TunnelTarget) -> None:
+def missing_file(target: TunnelTarget) -> str | None:
+    """Return a message naming *target*'s identity or known_hosts file that does not exist."""
     paths: list[tuple[str, str]] = []
     if target.client_keys is not None:
         paths += [("identity file", key) for key in target.client_keys if isinstance(key, str)]
@@ -190,10 +193,11 @@ def _check_files_exist(target: TunnelTarget) -> None:
 
     for kind, path in paths:
         if not Path(path).expanduser().is_file():
-            raise TunnelError(
+            return (
                 f"The {kind} {path!r} for {target.address} does not exist. Fix the path in "
                 "the [tunnel] table of ephemwork.toml."
             )
+    return None
 
 
 @contextlib.contextmanager

@@ -44,10 +44,10 @@ from ephemwork.client.supervisor import DevServer
 from ephemwork.client.tunnel import TunnelTarget, client_description, curl_hint
 from ephemwork.commands.down import unproven_message
 from ephemwork.commands.stop import StopRequested, StopSignal
-from ephemwork.config import Config, LocalTunnel, ServiceConfig, load_config
+from ephemwork.config import Config, LocalTunnel, ServiceConfig, SshTunnel, load_config
 from ephemwork.errors import DevServerError, StateError
 from ephemwork.identity import resolve_user
-from ephemwork.targets import open_target
+from ephemwork.targets import check_ssh_files, open_target
 from ephemwork.wire import RouteKey, Session
 
 log = structlog.get_logger()
@@ -120,6 +120,8 @@ async def _serve(
 
             # After the claims, because --takeover frees the port of the `up` it replaces.
             check_proxy_port_free(config.tunnel, config.path)
+        elif isinstance(config.tunnel, SshTunnel):
+            check_ssh_files(config.tunnel)
 
         dev_servers: dict[str, DevServer] = {}
         for service in services:
