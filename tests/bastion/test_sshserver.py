@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+import structlog.testing
 from aiohttp import web
 
 from ephemwork.bastion.sshserver import (
@@ -199,6 +200,25 @@ class TestServerOptions:
                 authorized_keys=authorized_keys,
                 policy=ForwardPolicy(port_range=(20000, 20000), connect_ports=frozenset()),
             )
+
+    async def test_missing_keys_warned(self, tmp_path: Path) -> None:
+        """Starting without the authorized_keys file logs a warning naming its path."""
+        missing = tmp_path / "nonexistent"
+        server = EmbeddedSSHServer(
+            listen=("127.0.0.1", 0),
+            host_key=asyncssh.generate_private_key("ssh-ed25519"),
+            authorized_keys=missing,
+            policy=ForwardPolicy(port_range=(20000, 20000), connect_ports=frozenset()),
+        )
+
+        with structlog.testing.capture_logs() as logs:
+            async with server:
+                pass
+
+        warnings = [line for line in logs if line["event"] == "sshserver.authorized_keys_missing"]
+        assert len(warnings) == 1
+        assert warnings[0]["path"] == str(missing)
+        assert warnings[0]["log_level"] == "warning"
 
 
 class TestAuthentication:

@@ -289,6 +289,14 @@ class EmbeddedSSHServer:
             keepalive_count_max=KEEPALIVE_COUNT_MAX,
         )
         logger.info("sshserver.started", address=self.address)
+        if not self.authorized_keys.is_file():
+            # It is read at each login, so keys may still be added, but until then every
+            # login fails, which is easy to mistake for a key problem on the laptop.
+            logger.warning(
+                "sshserver.authorized_keys_missing",
+                path=str(self.authorized_keys),
+                fix="create the file with the laptops' public keys, one per line",
+            )
 
     @property
     def address(self) -> tuple[str, int]:
