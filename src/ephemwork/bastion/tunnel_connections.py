@@ -100,7 +100,6 @@ class TunnelConnection(asyncio.Protocol):
     _headers: list[tuple[bytes, bytes]]
     _status: int
     _keep_alive: bool
-    _head_sent: bool
     _chunked: bool
     _until_close: bool
     _small: bytearray | None
@@ -134,7 +133,6 @@ class TunnelConnection(asyncio.Protocol):
         self._headers = []
         self._status = 0
         self._keep_alive = False
-        self._head_sent = False
         self._chunked = False
         self._until_close = False
         self._small = None
@@ -220,7 +218,7 @@ class TunnelConnection(asyncio.Protocol):
         self._pool.forget(self)
         if self._sink is None:
             return
-        if self._until_close and self._head_sent:
+        if self._until_close:
             # A body without Content-Length or chunked framing ends when the connection does.
             self._deliver(_LAST_CHUNK)
             self._finish(reusable=False)
@@ -269,7 +267,6 @@ class TunnelConnection(asyncio.Protocol):
             self._small += head
         else:
             self._deliver(head)
-        self._head_sent = True
 
     def on_body(self, body: bytes) -> None:
         if self._problem is not None or self._extra_message:
